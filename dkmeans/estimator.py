@@ -1,0 +1,213 @@
+"""`KMeans`: scikit-learn's estimator contract on top of the Dask engine."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+
+import dask.array as da
+import numpy as np
+from distributed import Client, LocalCluster, get_client
+
+from . import kernels
+from .engine import chunk_data, lloyd
+from .seeding import INIT_NAMES, init_centers
+
+
+class KMeans:
+    """K-means clustering by Lloyd's algorithm, distributed over a Dask cluster.
+
+    Parameters follow scikit-learn's ``KMeans`` where they share a name. ``tol``
+    is the notebook's rule: stop once every centre moved less than ``tol``
+    (Euclidean distance, in the data's units). ``client`` is a
+    ``distributed.Client``; by default the current one is used, or a temporary
+    in-process cluster when there is none. ``callback(iteration, j_clust,
+    shift, seconds)`` is called after every iteration.
+
+    Attributes: ``cluster_centers_``, ``labels_`` (nearest centre of every
+    training row), ``inertia_`` (sum of squared distances to those centres),
+    ``n_iter_`` (Lloyd updates, counted as scikit-learn does) and
+    ``loss_history_`` (the notebook's J_clust, mean squared distance, of the
+    centres after 0, 1, ..., n_iter_ updates; the last one is inertia_ / n).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init="k-means||",
+        n_init: int = 1,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        random_state=None,
+        chunk_rows: int | None = None,
+        client: Client | None = None,
+        callback=None,
+    ):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.chunk_rows = chunk_rows
+        self.client = client
+        self.callback = callback
+
+    # -- scikit-learn plumbing -----------------------------------------------------
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"}
+
+    def set_params(self, **params):
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"Invalid parameter {name!r} for KMeans; valid ones are {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        return f"KMeans(n_clusters={self.n_clusters}, init={self.init if isinstance(self.init, str) else 'array'!r})"
+
+    # -- fitting -------------------------------------------------------------------
+
+    def fit(self, X, y=None):
+        X = _check_data(X)
+        init = self._check_params(X.shape)
+        seeds = _restart_seeds(self.random_state, 1 if not isinstance(init, str) else self.n_init)
+        with _client(self.client) as client:
+            data = chunk_data(client, X, self.chunk_rows)
+            best = None
+            for seed in seeds:
+                rng = np.random.default_rng(seed)
+                centers = init if not isinstance(init, str) else init_centers(client, data, self.n_clusters, init, rng)
+                result = lloyd(client, data, centers, self.max_iter, self.tol, self.callback)
+                if best is None or result.inertia < best.inertia:
+                    best = result
+            self.data_persisted_ = data.persisted
+            del data
+        self.cluster_centers_ = best.centers
+        self.labels_ = best.labels
+        self.inertia_ = best.inertia
+        self.n_iter_ = best.n_iter
+        self.loss_history_ = best.loss_history
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def fit_predict(self, X, y=None):
+        return self.fit(X).labels_
+
+    def predict(self, X):
+        """Nearest centre of each row; a Dask array in gives a (lazy) Dask array out."""
+        X = self._check_fitted_input(X)
+        if isinstance(X, da.Array):
+            return X.map_blocks(_predict_block, self.cluster_centers_, drop_axis=1, dtype=np.int64)
+        return kernels.assign(X, self.cluster_centers_)[0].astype(np.int64)
+
+    def transform(self, X):
+        """Euclidean distance of each row to every centre."""
+        X = self._check_fitted_input(X)
+        if isinstance(X, da.Array):
+            k = self.n_clusters
+            dtype = kernels.compute_dtype(X.dtype)
+            return X.map_blocks(kernels.transform, self.cluster_centers_, chunks=(X.chunks[0], (k,)), dtype=dtype)
+        return kernels.transform(X, self.cluster_centers_)
+
+    def fit_transform(self, X, y=None):
+        return self.fit(X).transform(X)
+
+    def score(self, X, y=None) -> float:
+        """Opposite of the inertia of X (scikit-learn's convention: higher is better)."""
+        d = self.transform(X)
+        d2 = (d.min(axis=1) ** 2).sum()
+        return -float(d2.compute() if isinstance(d2, da.Array) else d2)
+
+    # -- validation ----------------------------------------------------------------
+
+    def _check_params(self, shape):
+        n, d = shape
+        k = self.n_clusters
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"n_clusters must be an integer >= 1, got {k!r}")
+        if k > n:
+            raise ValueError(f"n_samples={n} should be >= n_clusters={k}")
+        for name, low in (("n_init", 1), ("max_iter", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.chunk_rows is not None and (not isinstance(self.chunk_rows, numbers.Integral) or self.chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {self.chunk_rows!r}")
+        if isinstance(self.init, str):
+            if self.init not in INIT_NAMES:
+                raise ValueError(f"Unknown init {self.init!r}; expected one of {', '.join(INIT_NAMES)} or a (k, d) array")
+            return self.init
+        init = np.asarray(self.init)
+        if init.dtype.kind not in "biuf":
+            raise TypeError(f"init array must be numeric, got dtype {init.dtype}")
+        if init.shape != (k, d):
+            raise ValueError(f"init array has shape {init.shape}, expected (n_clusters, n_features) = ({k}, {d})")
+        if not np.isfinite(init).all():
+            raise ValueError("init array contains NaN or infinity")
+        return init.astype(np.float64)
+
+    def _check_fitted_input(self, X):
+        if not hasattr(self, "cluster_centers_"):
+            raise AttributeError("This KMeans instance is not fitted yet; call fit first")
+        X = _check_data(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but KMeans was fitted with {self.n_features_in_}")
+        return X
+
+
+def _predict_block(block, centers):
+    return kernels.assign(block, centers)[0].astype(np.int64)
+
+
+def _check_data(X):
+    """Shape and dtype checks that need no pass over the data (NaN is caught in the first pass)."""
+    if not isinstance(X, da.Array):
+        if hasattr(X, "__dask_graph__"):
+            raise TypeError(f"Expected a dask.array.Array or array-like, got {type(X).__name__}")
+        X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-D array of shape (n_samples, n_features), got {X.ndim}-D with shape {X.shape}")
+    if X.dtype.kind not in "biuf":
+        raise TypeError(f"Expected numeric data, got dtype {X.dtype}")
+    if X.dtype.kind == "b":
+        X = X.astype(np.uint8)
+    if any(math.isnan(s) for s in X.shape):
+        raise ValueError("X has unknown chunk sizes; call X.compute_chunk_sizes() first")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X is empty: shape {X.shape}")
+    return X
+
+
+def _restart_seeds(random_state, n_init: int) -> list:
+    """One independent seed per restart, all determined by random_state."""
+    if isinstance(random_state, np.random.Generator):
+        return [int(s) for s in random_state.integers(2**63, size=n_init)]
+    if isinstance(random_state, np.random.RandomState):
+        return [int(s) for s in random_state.randint(2**31, size=n_init)]
+    if random_state is not None and (not isinstance(random_state, numbers.Integral) or random_state < 0):
+        raise ValueError(f"random_state must be None, a non-negative int or a numpy Generator, got {random_state!r}")
+    return np.random.SeedSequence(random_state).spawn(n_init)
+
+
+@contextlib.contextmanager
+def _client(client: Client | None):
+    """The given client, else the current one, else a temporary in-process cluster."""
+    if client is None:
+        try:
+            client = get_client()
+        except ValueError:
+            pass
+    if client is not None:
+        yield client
+        return
+    with LocalCluster(processes=False, dashboard_address=None) as cluster, Client(cluster) as local:
+        yield local

@@ -1,0 +1,282 @@
+"""Pure numpy kernels for one chunk of rows; nothing here knows about Dask.
+
+Every function takes a chunk as it is stored (uint8 for MNIST) and converts it
+to floating point itself, tile by tile, so the data sits in memory at one byte
+per pixel and only a bounded float tile exists at any time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Upper bound on the number of float elements in one (rows x k) distance tile
+# or (rows x d) converted tile: 2**21 float64 values are 16 MiB.
+TILE_ELEMENTS = 2**21
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 input stays float32, everything else is computed in float64 (as scikit-learn)."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float32 else np.dtype(np.float64)
+
+
+def row_tiles(n_rows: int, width: int):
+    """Row slices whose tiles hold at most TILE_ELEMENTS values of the given width."""
+    step = max(1, TILE_ELEMENTS // max(1, width))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def check_finite(x_sq: np.ndarray, offset: int) -> None:
+    """NaN or inf in a row makes its squared norm non-finite: one O(n) check, no extra pass."""
+    bad = ~np.isfinite(x_sq)
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5] + offset
+        raise ValueError(
+            f"Input contains NaN or infinity ({int(bad.sum())} row(s) in the chunk starting "
+            f"at row {offset}, first at rows {rows.tolist()})"
+        )
+
+
+def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq=None, c_sq=None) -> np.ndarray:
+    """Squared Euclidean distances by the expansion |x|^2 - 2 x.c + |c|^2, clipped at zero."""
+    if x_sq is None:
+        x_sq = squared_norms(x)
+    if c_sq is None:
+        c_sq = squared_norms(centers)
+    d2 = x @ centers.T
+    d2 *= -2.0
+    d2 += x_sq[:, None]
+    d2 += c_sq[None, :]
+    np.maximum(d2, 0.0, out=d2)
+    return d2
+
+
+def assign(chunk: np.ndarray, centers: np.ndarray, offset: int = 0):
+    """Nearest centre and its squared distance for every row of the chunk."""
+    labels, min_d2, _ = _assign_tiles(chunk, centers, offset, keep_rows=False)
+    return labels, min_d2
+
+
+def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Euclidean distances of every row to every centre (scikit-learn's transform)."""
+    ftype = compute_dtype(chunk.dtype)
+    c = centers.astype(ftype, copy=False)
+    c_sq = squared_norms(c)
+    out = np.empty((chunk.shape[0], c.shape[0]), dtype=ftype)
+    for rows in row_tiles(chunk.shape[0], max(chunk.shape[1], c.shape[0])):
+        out[rows] = np.sqrt(sq_distances(chunk[rows].astype(ftype), c, c_sq=c_sq))
+    return out
+
+
+def _assign_tiles(chunk, centers, offset, keep_rows):
+    ftype = compute_dtype(chunk.dtype)
+    c = centers.astype(ftype, copy=False)
+    c_sq = squared_norms(c)
+    n = chunk.shape[0]
+    labels = np.empty(n, dtype=np.int32)
+    min_d2 = np.empty(n, dtype=np.float64)
+    tiles = []
+    floating = chunk.dtype.kind == "f"
+    for rows in row_tiles(n, max(chunk.shape[1], c.shape[0])):
+        x = chunk[rows].astype(ftype)
+        x_sq = squared_norms(x)
+        if floating:
+            check_finite(x_sq, offset + rows.start)
+        d2 = sq_distances(x, c, x_sq, c_sq)
+        lab = np.argmin(d2, axis=1)
+        labels[rows] = lab
+        min_d2[rows] = d2[np.arange(lab.size), lab]
+        if keep_rows:
+            tiles.append((rows, x, lab))
+    return labels, min_d2, tiles
+
+
+@dataclass
+class ChunkStats:
+    """What one chunk contributes to a Lloyd update; partials combine by addition."""
+
+    sums: np.ndarray  # (k, d) float64 per-cluster sums of the rows
+    counts: np.ndarray  # (k,) int64 rows per cluster
+    inertia: float  # sum of squared distances to the nearest centre
+    far_d2: np.ndarray  # the chunk's largest squared distances, descending
+    far_index: np.ndarray  # their global row indices
+    far_label: np.ndarray  # the clusters those rows are assigned to
+
+
+def lloyd_chunk(chunk: np.ndarray, centers: np.ndarray, n_far: int, offset: int = 0):
+    """One Lloyd pass over one chunk: labels plus the partial sums for the update.
+
+    ``n_far`` farthest rows (by distance to their own centre) are kept so the
+    reduction can relocate empty clusters without another pass over the data.
+    """
+    k, d = centers.shape
+    labels, min_d2, tiles = _assign_tiles(chunk, centers, offset, keep_rows=True)
+    sums = np.zeros((k, d), dtype=np.float64)
+    for _, x, lab in tiles:
+        _add_cluster_sums(sums, x, lab)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    far_d2, far_index = farthest(min_d2, n_far, offset)
+    far_label = labels[far_index - offset].astype(np.int64)
+    return labels, ChunkStats(sums, counts, float(min_d2.sum()), far_d2, far_index, far_label)
+
+
+def _add_cluster_sums(sums: np.ndarray, x: np.ndarray, labels: np.ndarray) -> None:
+    """Per-cluster row sums by sorting and segment reduction (much faster than np.add.at)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    if sorted_labels.size:
+        sums[sorted_labels[starts]] += np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+
+
+def farthest(d2: np.ndarray, m: int, offset: int):
+    """The m largest distances, descending, ties broken by lower row index (chunking-invariant)."""
+    m = min(m, d2.size)
+    if m == 0:
+        return np.empty(0), np.empty(0, dtype=np.int64)
+    idx = np.argpartition(-d2, m - 1)[:m] if m < d2.size else np.arange(d2.size)
+    # The partition may cut through a run of ties: take every row equal to the cut value.
+    cut = d2[idx].min()
+    idx = np.flatnonzero(d2 >= cut)
+    order = np.lexsort((idx, -d2[idx]))[:m]
+    idx = idx[order]
+    return d2[idx], idx.astype(np.int64) + offset
+
+
+def combine_stats(parts: list[ChunkStats], n_far: int) -> ChunkStats:
+    """Tree-reduction step: add partial sums and keep the overall farthest rows."""
+    far_d2 = np.concatenate([p.far_d2 for p in parts])
+    far_index = np.concatenate([p.far_index for p in parts])
+    far_label = np.concatenate([p.far_label for p in parts])
+    order = np.lexsort((far_index, -far_d2))[:n_far]
+    return ChunkStats(
+        sums=np.sum([p.sums for p in parts], axis=0),
+        counts=np.sum([p.counts for p in parts], axis=0),
+        inertia=float(sum(p.inertia for p in parts)),
+        far_d2=far_d2[order],
+        far_index=far_index[order],
+        far_label=far_label[order],
+    )
+
+
+def update_centers(stats: ChunkStats, old_centers: np.ndarray, far_rows: np.ndarray | None = None) -> np.ndarray:
+    """New centres as cluster means; empty clusters take the farthest rows.
+
+    As in scikit-learn, a relocated row is also removed from the cluster it was
+    assigned to, so every row still counts once. ``far_rows`` holds the rows of
+    ``stats.far_index`` (fetched only when some cluster is empty).
+    """
+    sums = stats.sums.copy()
+    counts = stats.counts.copy()
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        if far_rows is None or len(far_rows) < empty.size:
+            have = 0 if far_rows is None else len(far_rows)
+            raise ValueError(f"{empty.size} empty cluster(s) but only {have} rows to relocate them to")
+        for j, row, old in zip(empty, far_rows, stats.far_label):
+            row = np.asarray(row, dtype=np.float64)
+            sums[old] -= row
+            counts[old] -= 1
+            sums[j] = row
+            counts[j] = 1
+    new_centers = np.array(old_centers, dtype=np.float64)
+    nonempty = counts > 0  # a cluster that gave away its only row keeps its old centre
+    new_centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return new_centers
+
+
+# --- seeding kernels: the per-chunk halves of k-means++ and k-means|| ---
+
+
+def min_sq_distances(chunk: np.ndarray, centers: np.ndarray, previous=None, offset: int = 0) -> np.ndarray:
+    """Squared distance of every row to its nearest centre, folded into ``previous`` when given."""
+    _, d2 = assign(chunk, centers, offset)
+    return d2 if previous is None else np.minimum(previous, d2)
+
+
+def pick_by_weight(weights: np.ndarray, target: float) -> int:
+    """Index i where the running sum of weights first exceeds target (D^2 sampling)."""
+    cumulative = np.cumsum(weights)
+    i = int(np.searchsorted(cumulative, target, side="right"))
+    return min(i, weights.size - 1)
+
+
+def oversample(chunk: np.ndarray, d2: np.ndarray, factor: float, seed: int, stream: int, offset: int = 0):
+    """k-means|| round: keep each row with probability min(1, factor * d2), as (indices, rows).
+
+    The coin for a row depends on (seed, stream, global row index) only, so the
+    choice does not depend on how the data is chunked or which worker runs it.
+    """
+    coins = uniform_by_index(seed, stream, np.arange(offset, offset + d2.size, dtype=np.uint64))
+    keep = np.flatnonzero(coins < factor * d2)
+    return keep.astype(np.int64) + offset, np.asarray(chunk[keep])
+
+
+def nearest_counts(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.ndarray:
+    """How many rows of the chunk each centre is nearest to (k-means|| candidate weights)."""
+    labels, _ = assign(chunk, centers, offset)
+    return np.bincount(labels, minlength=centers.shape[0]).astype(np.int64)
+
+
+def data_range(chunk: np.ndarray, offset: int = 0):
+    """Per-feature (min, max) of a chunk, checking for NaN and infinity on the way."""
+    if chunk.shape[0] == 0:
+        return None
+    if chunk.dtype.kind == "f":
+        check_finite(squared_norms(chunk.astype(np.float64)), offset)
+    return chunk.min(axis=0), chunk.max(axis=0)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniform_by_index(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) floats that are a pure function of (seed, stream, index) (SplitMix64)."""
+    with np.errstate(over="ignore"):
+        z = index.astype(np.uint64) * _GOLDEN
+        z += np.uint64((seed * 0x100000001B3 + stream * 0xC2B2AE3D27D4EB4F) % 2**64)
+        z += _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def weighted_kmeans_plusplus(points: np.ndarray, k: int, weights: np.ndarray, rng: np.random.Generator):
+    """Greedy k-means++ on an in-memory weighted set (scikit-learn's variant, 2 + log k trials)."""
+    points = np.asarray(points, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    n = points.shape[0]
+    if n < k:
+        raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
+    trials = 2 + int(np.log(k))
+    centers = np.empty((k, points.shape[1]))
+    p_sq = squared_norms(points)
+    first = pick_by_weight(weights, rng.random() * weights.sum())
+    centers[0] = points[first]
+    closest = sq_distances(points, centers[:1], p_sq)[:, 0]
+    potential = float(weights @ closest)
+    for c in range(1, k):
+        if potential <= 0:
+            # Every point coincides with a centre already: take unused points in order.
+            chosen = np.flatnonzero(closest > 0)
+            pick = chosen[0] if chosen.size else (c % n)
+            centers[c] = points[pick]
+            continue
+        targets = rng.random(trials) * potential
+        candidates = np.searchsorted(np.cumsum(weights * closest), targets, side="right")
+        candidates = np.minimum(candidates, n - 1)
+        d2 = sq_distances(points, points[candidates], p_sq)
+        np.minimum(d2, closest[:, None], out=d2)
+        pots = weights @ d2
+        best = int(np.argmin(pots))
+        potential = float(pots[best])
+        closest = d2[:, best]
+        centers[c] = points[candidates[best]]
+    return centers

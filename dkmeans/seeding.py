@@ -1,0 +1,110 @@
+"""Initial centres on the cluster: random, sample, k-means++ and k-means||.
+
+Every random choice is made on the client from one numpy Generator, or (for
+the per-row coins of k-means||) from a hash of the global row index, so the
+centres depend on the seed only, never on chunking or the number of workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from dask import delayed
+from distributed import Client
+
+from . import kernels
+from .engine import OVERSAMPLING, PARALLEL_ROUNDS, ChunkedData, fetch_rows, map_chunks, tree_reduce
+
+INIT_NAMES = ("k-means||", "k-means++", "sample", "cluster", "random")
+
+
+def init_centers(client: Client, data: ChunkedData, k: int, init: str, rng: np.random.Generator) -> np.ndarray:
+    if init == "random":
+        return random_in_range(client, data, k, rng)
+    if init in ("sample", "cluster"):
+        return sample_rows(client, data, k, rng)
+    if init == "k-means++":
+        return kmeans_plusplus(client, data, k, rng)
+    if init == "k-means||":
+        return kmeans_parallel(client, data, k, rng)
+    raise ValueError(f"Unknown init {init!r}; expected one of {', '.join(INIT_NAMES)} or an array")
+
+
+def random_in_range(client, data, k, rng):
+    """Uniform in each feature's [min, max], as the course notebook's random init."""
+    ranges = [r for r in client.compute(map_chunks(data, kernels.data_range, name="range"), sync=True) if r is not None]
+    lo = np.min([r[0] for r in ranges], axis=0).astype(np.float64)
+    hi = np.max([r[1] for r in ranges], axis=0).astype(np.float64)
+    return rng.uniform(lo, hi, size=(k, data.n_features))
+
+
+def sample_rows(client, data, k, rng):
+    """k distinct rows drawn uniformly, as the course notebook's sample init."""
+    indices = rng.choice(data.n_samples, size=k, replace=False)
+    return fetch_rows(client, data, indices).astype(np.float64)
+
+
+def _min_d2(client, data, centers, previous=None):
+    """Update every chunk's distance-to-nearest-centre (kept on the workers); return it and its chunk sums."""
+    if previous is None:
+        d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance")
+    else:
+        d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance", per_chunk={"previous": previous})
+    futures = client.compute(d2 + [delayed(np.sum, pure=False)(p) for p in d2])
+    return futures[: len(d2)], np.asarray(client.gather(futures[len(d2) :]), dtype=np.float64)
+
+
+def kmeans_plusplus(client, data, k, rng):
+    """Arthur and Vassilvitskii's D^2 sampling, one pass over the data per centre."""
+    centers = sample_rows(client, data, 1, rng)
+    d2, sums = _min_d2(client, data, centers)
+    for _ in range(1, k):
+        total = sums.sum()
+        if total <= 0:
+            raise ValueError(f"k-means++ could not find {k} distinct points in the data")
+        target = rng.random() * total
+        chunk = min(int(np.searchsorted(np.cumsum(sums), target, side="right")), data.n_chunks - 1)
+        local_target = target - sums[:chunk].sum()
+        local = client.submit(kernels.pick_by_weight, d2[chunk], local_target, pure=False).result()
+        new = fetch_rows(client, data, [data.offsets[chunk] + local]).astype(np.float64)
+        centers = np.vstack([centers, new])
+        d2, sums = _min_d2(client, data, new, previous=d2)
+    return centers
+
+
+def kmeans_parallel(client, data, k, rng):
+    """k-means|| (Bahmani et al.): a few rounds oversample ~2k rows by D^2, then weighted k-means++."""
+    seed = int(rng.integers(2**62))
+    first = int(rng.integers(data.n_samples))
+    candidates = fetch_rows(client, data, [first]).astype(np.float64)
+    indices = [np.array([first])]
+    d2, sums = _min_d2(client, data, candidates)
+    factor = OVERSAMPLING * k
+    for round_ in range(PARALLEL_ROUNDS):
+        phi = sums.sum()
+        if phi <= 0:
+            break
+        picks = map_chunks(
+            data, kernels.oversample, factor=factor / phi, seed=seed, stream=round_, name="oversample", per_chunk={"d2": d2}
+        )
+        chosen = [p for p in client.compute(picks, sync=True) if p[0].size]
+        if not chosen:
+            continue
+        new_index = np.concatenate([c[0] for c in chosen])
+        new_rows = np.concatenate([c[1] for c in chosen]).astype(np.float64)
+        order = np.argsort(new_index)
+        indices.append(new_index[order])
+        candidates = np.vstack([candidates, new_rows[order]])
+        d2, sums = _min_d2(client, data, new_rows[order], previous=d2)
+    index = np.concatenate(indices)
+    if index.size < k:
+        # Too few candidates (tiny or degenerate data): top up with distinct random rows.
+        extra = rng.choice(np.setdiff1d(np.arange(data.n_samples), index), size=k - index.size, replace=False)
+        candidates = np.vstack([candidates, fetch_rows(client, data, np.sort(extra)).astype(np.float64)])
+    counts = map_chunks(data, kernels.nearest_counts, candidates, name="candidate-weight")
+    weights = client.compute(tree_reduce(counts, _add, name="candidate-weight-sum"), sync=True)
+    return kernels.weighted_kmeans_plusplus(candidates, k, weights, rng)
+
+
+def _add(parts):
+    return np.sum(parts, axis=0)
+
