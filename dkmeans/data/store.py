@@ -1,0 +1,210 @@
+"""A row-addressable on-disk copy of MNIST, built once in the cache.
+
+Gzipped IDX cannot be read from the middle, so every Dask task would have
+to decompress the whole file. Plain `.npy` files can be memory-mapped, which
+lets each worker read just its own rows straight from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .idx import read_idx
+
+__all__ = ["STORE_NAME", "NpyRows", "Store", "StoreError", "build_store", "ensure_store", "open_store"]
+
+STORE_NAME = "mnist-store-v1"
+FORMAT_VERSION = 1
+IMAGE_SHAPE = (28, 28)
+_PAIRS = (("train-images", "train-labels"), ("test-images", "test-labels"))
+_TMP_PREFIX = f".{STORE_NAME}.tmp-"
+_STALE_TMP_S = 24 * 3600  # older temporary builds are assumed to be crashed ones
+
+
+class StoreError(ValueError):
+    """The source files are readable but do not form a consistent MNIST set."""
+
+
+class NpyRows:
+    """A lazy view of a `.npy` file that Dask can slice.
+
+    It holds only the path, shape and dtype, so pickling it to a worker is a
+    few hundred bytes and the worker reads its own rows from disk.
+    """
+
+    __slots__ = ("path", "shape", "dtype")
+
+    def __init__(self, path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any) -> None:
+        self.path = Path(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> NpyRows:
+        array = np.load(path, mmap_mode="r")
+        return cls(path, array.shape, array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        # Copy out of the map so no open file outlives the task that read it.
+        return np.array(np.load(self.path, mmap_mode="r")[key])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NpyRows, (str(self.path), self.shape, self.dtype.str))
+
+    def __repr__(self) -> str:
+        return f"NpyRows({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclass(frozen=True)
+class Store:
+    """A validated store directory and the digest of its manifest."""
+
+    path: Path
+    manifest: Mapping[str, Any]
+    token: str
+
+    def rows(self, name: str) -> NpyRows:
+        entry = self.manifest["arrays"][name]
+        return NpyRows(self.path / entry["file"], entry["shape"], entry["dtype"])
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self.path / self.manifest["arrays"][name]["file"])
+
+
+def ensure_store(files: Mapping[str, Path], cache_dir: str | os.PathLike[str], sources: Mapping[str, str]) -> Store:
+    """Open `<cache_dir>/mnist-store-v1`, (re)building it unless it matches `sources`.
+
+    `files` maps logical names to IDX files and `sources` maps the same names
+    to their SHA-256; the caller is trusted to have verified them.
+    """
+    dest = Path(cache_dir) / STORE_NAME
+    store = open_store(dest, sources)
+    if store is None:
+        build_store(files, dest, sources)
+        store = open_store(dest, sources)
+        if store is None:  # only if something else rewrote it at the same moment
+            raise StoreError(f"{dest}: store failed validation right after being built")
+    return store
+
+
+def open_store(dest: str | os.PathLike[str], sources: Mapping[str, str]) -> Store | None:
+    """Return the store at `dest` if it is complete and built from `sources`, else None."""
+    dest = Path(dest)
+    try:
+        text = (dest / "manifest.json").read_bytes()
+        manifest = json.loads(text)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            return None
+        if manifest.get("sources") != {name: {"sha256": sha} for name, sha in sources.items()}:
+            return None
+        if set(manifest["arrays"]) != set(sources):
+            return None
+        for name, entry in manifest["arrays"].items():
+            on_disk = np.load(dest / entry["file"], mmap_mode="r")
+            if list(on_disk.shape) != entry["shape"] or on_disk.dtype.str != entry["dtype"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return Store(dest, manifest, hashlib.sha256(text).hexdigest()[:16])
+
+
+def build_store(files: Mapping[str, Path], dest: str | os.PathLike[str], sources: Mapping[str, str]) -> Path:
+    """Convert the IDX files into `.npy` files and move them into `dest` atomically.
+
+    Everything is written to a temporary sibling first, so readers see either
+    the old store, no store, or the finished new one.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(dest.parent)
+    tmp = _fresh_dir(dest.parent)
+    try:
+        arrays: dict[str, dict[str, Any]] = {}
+        for images_name, labels_name in _PAIRS:
+            images, labels = _read_pair(files[images_name], files[labels_name])
+            for name, array in ((images_name, images), (labels_name, labels)):
+                np.save(tmp / f"{name}.npy", array)
+                arrays[name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": array.dtype.str}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "image_shape": list(IMAGE_SHAPE),
+            "arrays": arrays,
+            "sources": {name: {"sha256": sha} for name, sha in sources.items()},
+        }
+        # Written last: a directory without a manifest is never trusted.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+        raise StoreError(
+            f"{images_path}: expected uint8 images of shape (n, 28, 28), got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise StoreError(f"{labels_path}: expected a 1-d uint8 label vector, got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise StoreError(
+            f"image/label count mismatch: {images_path} has {len(images)} images "
+            f"but {labels_path} has {len(labels)} labels"
+        )
+    if labels.size and labels.max() > 9:
+        raise StoreError(f"{labels_path}: labels must be digits 0-9, found {int(labels.max())}")
+    return images.reshape(len(images), -1), labels
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`, moving any old store aside first (rename cannot replace a full directory)."""
+    old = None
+    if dest.exists():
+        old = _fresh_dir(dest.parent)
+        os.replace(dest, old / "store")
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.exists():
+            raise
+        # Another process installed its build first; theirs is as good as ours.
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_dir(parent: Path) -> Path:
+    """A new uniquely named sibling; os.mkdir (unlike mkdtemp) honours the umask."""
+    path = parent / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def _remove_stale_builds(parent: Path) -> None:
+    cutoff = time.time() - _STALE_TMP_S
+    for path in parent.glob(_TMP_PREFIX + "*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
