@@ -52,9 +52,14 @@ def fit(**opts):
     out_dir = opts["out_dir"]
     if out_dir is not None:
         _check_writable(out_dir)
+    from .data import ChecksumError, DownloadError, IDXFormatError, StoreError
+
     with _client(opts) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}")
-        run(client, opts)
+        try:
+            run(client, opts)
+        except (ChecksumError, DownloadError, IDXFormatError, StoreError, FileNotFoundError) as exc:
+            raise click.ClickException(f"MNIST data: {exc}") from exc
 
 
 def run(client, opts) -> dict:
@@ -64,6 +69,7 @@ def run(client, opts) -> dict:
     from .labeling import accuracy, centroid_labels, predict_labels
 
     started = time.perf_counter()
+    click.echo("Loading MNIST (verified, converted to the chunked store on first use)...")
     data = load_mnist(
         data_dir=opts["data_dir"], cache_dir=opts["cache_dir"], chunk_rows=opts["chunk_rows"],
         train_per_digit=opts["train_per_digit"], test_size=opts["test_size"], seed=opts["seed"],
@@ -77,7 +83,10 @@ def run(client, opts) -> dict:
     click.echo(f"Fitting k={opts['k']} init={opts['init']} n_init={opts['n_init']} seed={opts['seed']}")
     click.echo(f"{'iter':>5} {'J_clust':>14} {'shift':>12} {'seconds':>8}")
 
+    pass_seconds: list[float] = []
+
     def progress(iteration, j_clust, shift, seconds):
+        pass_seconds.append(seconds)
         click.echo(f"{iteration:>5} {j_clust:>14.2f} {shift:>12.6g} {seconds:>8.3f}")
 
     model = KMeans(
@@ -98,11 +107,12 @@ def run(client, opts) -> dict:
         "loss_history": [float(v) for v in model.loss_history_],
         "train_accuracy": train_acc, "test_accuracy": test_acc,
         "fit_seconds": fit_seconds, "seconds": time.perf_counter() - started,
+        "median_seconds_per_iteration": float(np.median(pass_seconds)),
         "data_persisted": bool(model.data_persisted_),
     }
     click.echo(
-        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s, inertia {model.inertia_:.6g}, "
-        f"J_clust {metrics['J_clust']:.2f}"
+        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({metrics['median_seconds_per_iteration']:.3f} s "
+        f"per pass, median), inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
     )
     click.echo(f"Train accuracy: {train_acc:.4f}")
     click.echo(f"Test accuracy:  {test_acc:.4f}")
