@@ -62,7 +62,8 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         X = np.asarray(X)
         rows = chunk_rows or _default_chunk_rows(client, X)
         sizes = tuple(min(rows, X.shape[0] - s) for s in range(0, X.shape[0], rows))
-        blocks = client.scatter([X[s : s + r] for s, r in zip(np.cumsum((0,) + sizes[:-1]), sizes)])
+        # hash=False: content-hashed keys would be shared with (and released by) an earlier fit of the same array.
+        blocks = client.scatter([X[s : s + r] for s, r in zip(np.cumsum((0,) + sizes[:-1]), sizes)], hash=False)
         keep, persisted = blocks, True
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
     return ChunkedData(blocks, offsets, int(X.shape[0]), int(X.shape[1]), X.dtype, persisted, keep)

@@ -161,6 +161,8 @@ class KMeans:
         X = _check_data(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but KMeans was fitted with {self.n_features_in_}")
+        if isinstance(X, da.Array) and X.numblocks[1] != 1:
+            X = X.rechunk({1: -1})  # the kernels need whole rows
         return X
 
 

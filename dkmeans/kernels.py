@@ -29,22 +29,38 @@ def row_tiles(n_rows: int, width: int):
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
+    x = _as_float(x)
     return np.einsum("ij,ij->i", x, x)
 
 
-def check_finite(x_sq: np.ndarray, offset: int) -> None:
-    """NaN or inf in a row makes its squared norm non-finite: one O(n) check, no extra pass."""
-    bad = ~np.isfinite(x_sq)
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5] + offset
+def _as_float(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype.kind == "f" else x.astype(compute_dtype(x.dtype))
+
+
+def check_finite(x: np.ndarray, x_sq: np.ndarray, offset: int) -> None:
+    """Catch NaN and inf from the squared norms the pass computes anyway: no extra pass.
+
+    A non-finite norm is either a NaN/inf in the row or a finite row too large
+    to square in this precision; only the flagged rows are inspected to tell.
+    """
+    flagged = np.flatnonzero(~np.isfinite(x_sq))
+    if not flagged.size:
+        return
+    bad = flagged[~np.isfinite(x[flagged]).all(axis=1)]
+    if bad.size:
         raise ValueError(
-            f"Input contains NaN or infinity ({int(bad.sum())} row(s) in the chunk starting "
-            f"at row {offset}, first at rows {rows.tolist()})"
+            f"Input contains NaN or infinity ({bad.size} row(s) in the chunk starting "
+            f"at row {offset}, first at rows {(bad[:5] + offset).tolist()})"
         )
+    raise ValueError(
+        f"Input values are too large to square in {x.dtype} (rows {(flagged[:5] + offset).tolist()}); "
+        "rescale the data or pass it as float64"
+    )
 
 
 def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq=None, c_sq=None) -> np.ndarray:
     """Squared Euclidean distances by the expansion |x|^2 - 2 x.c + |c|^2, clipped at zero."""
+    x = _as_float(x)
     if x_sq is None:
         x_sq = squared_norms(x)
     if c_sq is None:
@@ -87,7 +103,7 @@ def _assign_tiles(chunk, centers, offset, keep_rows):
         x = chunk[rows].astype(ftype)
         x_sq = squared_norms(x)
         if floating:
-            check_finite(x_sq, offset + rows.start)
+            check_finite(x, x_sq, offset + rows.start)
         d2 = sq_distances(x, c, x_sq, c_sq)
         lab = np.argmin(d2, axis=1)
         labels[rows] = lab
@@ -230,7 +246,8 @@ def data_range(chunk: np.ndarray, offset: int = 0):
     if chunk.shape[0] == 0:
         return None
     if chunk.dtype.kind == "f":
-        check_finite(squared_norms(chunk.astype(np.float64)), offset)
+        x = chunk.astype(np.float64)
+        check_finite(x, squared_norms(x), offset)
     return chunk.min(axis=0), chunk.max(axis=0)
 
 
@@ -265,14 +282,14 @@ def weighted_kmeans_plusplus(points: np.ndarray, k: int, weights: np.ndarray, rn
     potential = float(weights @ closest)
     for c in range(1, k):
         if potential <= 0:
-            # Every point coincides with a centre already: take unused points in order.
-            chosen = np.flatnonzero(closest > 0)
-            pick = chosen[0] if chosen.size else (c % n)
-            centers[c] = points[pick]
-            continue
-        targets = rng.random(trials) * potential
-        candidates = np.searchsorted(np.cumsum(weights * closest), targets, side="right")
-        candidates = np.minimum(candidates, n - 1)
+            # Every weighted point coincides with a centre: take the first point not yet
+            # covered (or, with none left, repeat one), and keep `closest` current.
+            uncovered = np.flatnonzero(closest > 0)
+            candidates = uncovered[:1] if uncovered.size else np.array([c % n])
+        else:
+            targets = rng.random(trials) * potential
+            candidates = np.searchsorted(np.cumsum(weights * closest), targets, side="right")
+            candidates = np.minimum(candidates, n - 1)
         d2 = sq_distances(points, points[candidates], p_sq)
         np.minimum(d2, closest[:, None], out=d2)
         pots = weights @ d2
