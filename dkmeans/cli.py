@@ -52,14 +52,9 @@ def fit(**opts):
     out_dir = opts["out_dir"]
     if out_dir is not None:
         _check_writable(out_dir)
-    from .data import ChecksumError, DownloadError, IDXFormatError, StoreError
-
     with _client(opts) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}")
-        try:
-            run(client, opts)
-        except (ChecksumError, DownloadError, IDXFormatError, StoreError, FileNotFoundError) as exc:
-            raise click.ClickException(f"MNIST data: {exc}") from exc
+        run(client, opts)
 
 
 def run(client, opts) -> dict:
@@ -70,10 +65,15 @@ def run(client, opts) -> dict:
 
     started = time.perf_counter()
     click.echo("Loading MNIST (verified, converted to the chunked store on first use)...")
-    data = load_mnist(
-        data_dir=opts["data_dir"], cache_dir=opts["cache_dir"], chunk_rows=opts["chunk_rows"],
-        train_per_digit=opts["train_per_digit"], test_size=opts["test_size"], seed=opts["seed"],
-    )
+    try:
+        data = load_mnist(
+            data_dir=opts["data_dir"], cache_dir=opts["cache_dir"], chunk_rows=opts["chunk_rows"],
+            train_per_digit=opts["train_per_digit"], test_size=opts["test_size"], seed=opts["seed"],
+        )
+    except (ValueError, OSError) as exc:  # bad files, failed downloads, impossible subsample sizes
+        raise click.ClickException(f"MNIST data: {exc}") from exc
+    if opts["k"] > data.train_images.shape[0]:
+        raise click.BadParameter(f"{opts['k']} clusters but only {data.train_images.shape[0]} training images", param_hint="--k")
     X, y = data.train_images, data.train_labels
     workers = client.scheduler_info()["workers"]
     click.echo(

@@ -442,3 +442,21 @@ def test_corrupted_data_file_is_named(tmp_path, mnist_dir):
     assert "Traceback" not in proc.stderr  # a clean error, not a crash
     assert files_in(out) == set()  # no partial outputs
     assert victim.stat().st_size == size  # a user's data_dir is never rewritten
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--train-per-digit", "6000"], r"train_per_digit must be between 1 and 5421"),
+        (["--test-size", "10001"], r"test_size must be between 1 and 10000"),
+        (["--train-per-digit", "2", "--k", "25"], r"--k.*25 clusters but only 20 training images"),
+    ],
+)
+def test_impossible_subsample_is_a_clean_error(tmp_path, mnist_dir, args, pattern):
+    out = tmp_path / "out"
+    proc, elapsed = run_cli(["fit", *args, *LOCAL_ARGS, "--workers", "1", "--out", str(out),
+                             "--cache-dir", str(tmp_path / "cache")], env_for(tmp_path, mnist_dir), timeout=120)
+    assert proc.returncode != 0
+    assert re.search(pattern, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert files_in(out) == set()
