@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,17 @@ INITS = ["k-means||", "k-means++", "sample", "cluster", "random"]
 @click.version_option(__version__, prog_name="dkmeans")
 def main():
     """Distributed, out-of-core K-means clustering on Dask."""
+    _show_progress_logs()
+
+
+def _show_progress_logs() -> None:
+    """dkmeans's INFO messages (downloads, store conversion) go to stderr, once."""
+    logger = logging.getLogger("dkmeans")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 @main.command()

@@ -185,5 +185,6 @@ def _download_one(url: str, sha256: str, dest: Path) -> None:
         if actual != sha256:
             raise ChecksumError(f"SHA-256 mismatch: expected {sha256}, got {actual} (download deleted)")
         os.replace(tmp, dest)
+        log.info("downloaded %s (%.1f MB, SHA-256 verified)", dest.name, dest.stat().st_size / 1e6)
     finally:
         tmp.unlink(missing_ok=True)

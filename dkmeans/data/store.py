@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -30,6 +31,8 @@ IMAGE_SHAPE = (28, 28)
 _PAIRS = (("train-images", "train-labels"), ("test-images", "test-labels"))
 _TMP_PREFIX = f".{STORE_NAME}.tmp-"
 _STALE_TMP_S = 24 * 3600  # older temporary builds are assumed to be crashed ones
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
@@ -133,6 +136,7 @@ def build_store(files: Mapping[str, Path], dest: str | os.PathLike[str], sources
     the old store, no store, or the finished new one.
     """
     dest = Path(dest)
+    log.info("converting MNIST into the chunked store %s (once)", dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(dest.parent)
     tmp = _fresh_dir(dest.parent)
