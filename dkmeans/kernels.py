@@ -75,8 +75,7 @@ def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq=None, c_sq=None) -> np
 
 def assign(chunk: np.ndarray, centers: np.ndarray, offset: int = 0):
     """Nearest centre and its squared distance for every row of the chunk."""
-    labels, min_d2, _ = _assign_tiles(chunk, centers, offset, keep_rows=False)
-    return labels, min_d2
+    return _assign_tiles(chunk, centers, offset)
 
 
 def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -90,14 +89,14 @@ def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return out
 
 
-def _assign_tiles(chunk, centers, offset, keep_rows):
+def _assign_tiles(chunk, centers, offset, on_tile=None):
+    """Assign tile by tile; on_tile(x, labels) sees each float tile before it is dropped."""
     ftype = compute_dtype(chunk.dtype)
     c = centers.astype(ftype, copy=False)
     c_sq = squared_norms(c)
     n = chunk.shape[0]
     labels = np.empty(n, dtype=np.int32)
     min_d2 = np.empty(n, dtype=np.float64)
-    tiles = []
     floating = chunk.dtype.kind == "f"
     for rows in row_tiles(n, max(chunk.shape[1], c.shape[0])):
         x = chunk[rows].astype(ftype)
@@ -108,9 +107,9 @@ def _assign_tiles(chunk, centers, offset, keep_rows):
         lab = np.argmin(d2, axis=1)
         labels[rows] = lab
         min_d2[rows] = d2[np.arange(lab.size), lab]
-        if keep_rows:
-            tiles.append((rows, x, lab))
-    return labels, min_d2, tiles
+        if on_tile is not None:
+            on_tile(x, lab)
+    return labels, min_d2
 
 
 @dataclass
@@ -132,10 +131,8 @@ def lloyd_chunk(chunk: np.ndarray, centers: np.ndarray, n_far: int, offset: int 
     reduction can relocate empty clusters without another pass over the data.
     """
     k, d = centers.shape
-    labels, min_d2, tiles = _assign_tiles(chunk, centers, offset, keep_rows=True)
     sums = np.zeros((k, d), dtype=np.float64)
-    for _, x, lab in tiles:
-        _add_cluster_sums(sums, x, lab)
+    labels, min_d2 = _assign_tiles(chunk, centers, offset, on_tile=lambda x, lab: _add_cluster_sums(sums, x, lab))
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     far_d2, far_index = farthest(min_d2, n_far, offset)
     far_label = labels[far_index - offset].astype(np.int64)
