@@ -34,7 +34,10 @@ def main() -> None:
     X = X_dask.compute()
     print(f"full MNIST {X.shape}, {os.cpu_count()} cores, {args.iters} iterations, median of {args.repeats} runs")
     print(f"{'k':>5} {'dkmeans s/iter':>15} {'sklearn s/iter':>15} {'ratio':>7} {'inertia rel. diff':>18}")
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         for k in args.k:
             init = X[np.random.default_rng(k).choice(X.shape[0], k, replace=False)].astype(np.float64)
             dk_times, sk_times = [], []
@@ -44,7 +47,9 @@ def main() -> None:
                 dk_times.append((time.perf_counter() - start) / (dk.n_iter_ + 1))  # n_iter_ updates, n_iter_+1 passes
                 start = time.perf_counter()
                 sk = SKKMeans(k, init=init, n_init=1, max_iter=args.iters, tol=0, algorithm="lloyd").fit(X)
-                sk_times.append((time.perf_counter() - start) / (sk.n_iter_ + 1))  # scikit-learn also makes a final E-step
+                sk_times.append(
+                    (time.perf_counter() - start) / (sk.n_iter_ + 1)
+                )  # scikit-learn also makes a final E-step
             dk_s, sk_s = np.median(dk_times), np.median(sk_times)
             rel = abs(dk.inertia_ - sk.inertia_) / sk.inertia_
             print(f"{k:>5} {dk_s:>15.3f} {sk_s:>15.3f} {dk_s / sk_s:>6.2f}x {rel:>18.2e}")

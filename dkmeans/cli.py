@@ -39,26 +39,55 @@ def _show_progress_logs() -> None:
 @click.option("--init", type=click.Choice(INITS), default="k-means||", help="Initialisation.")
 @click.option("--n-init", type=click.IntRange(min=1), default=1, help="Restarts; the lowest inertia wins.")
 @click.option("--max-iter", type=click.IntRange(min=1), default=300, help="Most Lloyd iterations per run.")
-@click.option("--tol", type=click.FloatRange(min=0), default=1e-4, help="Stop once every centroid moves less than this.")
+@click.option(
+    "--tol", type=click.FloatRange(min=0), default=1e-4, help="Stop once every centroid moves less than this."
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Random seed; results depend on it only.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with the four MNIST .gz files [default: $DKMEANS_DATA_DIR, else download to the cache].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where downloads and the chunked store live [default: $DKMEANS_CACHE_DIR or the user cache].")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with the four MNIST .gz files [default: $DKMEANS_DATA_DIR, else download to the cache].",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where downloads and the chunked store live [default: $DKMEANS_CACHE_DIR or the user cache].",
+)
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=6000, help="Rows per chunk of the Dask array.")
-@click.option("--train-per-digit", type=click.IntRange(min=1), default=None,
-              help="Subsample: this many training images per digit [default: all 60,000].")
-@click.option("--test-size", type=click.IntRange(min=1), default=None,
-              help="Subsample: this many random test images [default: all 10,000].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write metrics.json, model.npz, loss.png and centroids.png here.")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Connect to a running scheduler (tcp://HOST:PORT) instead of starting a LocalCluster.")
+@click.option(
+    "--train-per-digit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Subsample: this many training images per digit [default: all 60,000].",
+)
+@click.option(
+    "--test-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Subsample: this many random test images [default: all 10,000].",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write metrics.json, model.npz, loss.png and centroids.png here.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Connect to a running scheduler (tcp://HOST:PORT) instead of starting a LocalCluster.",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=2, help="LocalCluster worker processes.")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, help="LocalCluster threads per worker.")
 @click.option("--memory-limit", default="auto", help="LocalCluster memory limit per worker, e.g. 4GiB.")
 @click.option("--dashboard-address", default=":8787", help="LocalCluster dashboard address (':0' for any free port).")
-@click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, help="Seconds to wait for --scheduler.")
+@click.option(
+    "--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, help="Seconds to wait for --scheduler."
+)
 def fit(**opts):
     """Fit K-means on MNIST, report J_clust per iteration and train/test accuracy."""
     out_dir = opts["out_dir"]
@@ -79,13 +108,19 @@ def run(client, opts) -> dict:
     click.echo("Loading MNIST (verified, converted to the chunked store on first use)...")
     try:
         data = load_mnist(
-            data_dir=opts["data_dir"], cache_dir=opts["cache_dir"], chunk_rows=opts["chunk_rows"],
-            train_per_digit=opts["train_per_digit"], test_size=opts["test_size"], seed=opts["seed"],
+            data_dir=opts["data_dir"],
+            cache_dir=opts["cache_dir"],
+            chunk_rows=opts["chunk_rows"],
+            train_per_digit=opts["train_per_digit"],
+            test_size=opts["test_size"],
+            seed=opts["seed"],
         )
     except (ValueError, OSError) as exc:  # bad files, failed downloads, impossible subsample sizes
         raise click.ClickException(f"MNIST data: {exc}") from exc
     if opts["k"] > data.train_images.shape[0]:
-        raise click.BadParameter(f"{opts['k']} clusters but only {data.train_images.shape[0]} training images", param_hint="--k")
+        raise click.BadParameter(
+            f"{opts['k']} clusters but only {data.train_images.shape[0]} training images", param_hint="--k"
+        )
     X, y = data.train_images, data.train_labels
     workers = client.scheduler_info()["workers"]
     click.echo(
@@ -102,8 +137,14 @@ def run(client, opts) -> dict:
         click.echo(f"{iteration:>5} {j_clust:>14.2f} {shift:>12.6g} {seconds:>8.3f}")
 
     model = KMeans(
-        opts["k"], init=opts["init"], n_init=opts["n_init"], max_iter=opts["max_iter"], tol=opts["tol"],
-        random_state=opts["seed"], client=client, callback=progress,
+        opts["k"],
+        init=opts["init"],
+        n_init=opts["n_init"],
+        max_iter=opts["max_iter"],
+        tol=opts["tol"],
+        random_state=opts["seed"],
+        client=client,
+        callback=progress,
     )
     fit_start = time.perf_counter()
     model.fit(X)
@@ -113,12 +154,20 @@ def run(client, opts) -> dict:
     test_clusters = client.compute(model.predict(data.test_images), sync=True)
     test_acc = accuracy(data.test_labels, predict_labels(test_clusters, mapping))
     metrics = {
-        "k": opts["k"], "init": opts["init"], "n_init": opts["n_init"], "seed": opts["seed"],
-        "n_train": int(X.shape[0]), "n_test": int(data.test_images.shape[0]),
-        "n_iter": int(model.n_iter_), "inertia": float(model.inertia_), "J_clust": float(model.loss_history_[-1]),
+        "k": opts["k"],
+        "init": opts["init"],
+        "n_init": opts["n_init"],
+        "seed": opts["seed"],
+        "n_train": int(X.shape[0]),
+        "n_test": int(data.test_images.shape[0]),
+        "n_iter": int(model.n_iter_),
+        "inertia": float(model.inertia_),
+        "J_clust": float(model.loss_history_[-1]),
         "loss_history": [float(v) for v in model.loss_history_],
-        "train_accuracy": train_acc, "test_accuracy": test_acc,
-        "fit_seconds": fit_seconds, "seconds": time.perf_counter() - started,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "fit_seconds": fit_seconds,
+        "seconds": time.perf_counter() - started,
         "median_seconds_per_iteration": float(np.median(pass_seconds)),
         "data_persisted": bool(model.data_persisted_),
     }
@@ -141,12 +190,20 @@ def _write_outputs(out: Path, model, mapping, metrics) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.npz") as tmp, open(tmp, "wb") as f:
         np.savez(
-            f, cluster_centers=model.cluster_centers_, centroid_labels=mapping,
-            n_clusters=model.n_clusters, init=str(model.init), n_iter=model.n_iter_, tol=model.tol,
-            max_iter=model.max_iter, random_state=model.random_state, inertia=model.inertia_,
+            f,
+            cluster_centers=model.cluster_centers_,
+            centroid_labels=mapping,
+            n_clusters=model.n_clusters,
+            init=str(model.init),
+            n_iter=model.n_iter_,
+            tol=model.tol,
+            max_iter=model.max_iter,
+            random_state=model.random_state,
+            inertia=model.inertia_,
         )
-    plots.loss_curve(model.loss_history_, title=f"J_clust per iteration (k={model.n_clusters}, {model.init})",
-                     path=out / "loss.png")
+    plots.loss_curve(
+        model.loss_history_, title=f"J_clust per iteration (k={model.n_clusters}, {model.init})", path=out / "loss.png"
+    )
     plots.centroid_grid(model.cluster_centers_, mapping, path=out / "centroids.png")
     write_json(out / "metrics.json", metrics)
 
@@ -177,10 +234,15 @@ def _client(opts):
         with client:
             yield client
         return
-    with LocalCluster(
-        n_workers=opts["workers"], threads_per_worker=opts["threads_per_worker"],
-        memory_limit=opts["memory_limit"], dashboard_address=opts["dashboard_address"],
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=opts["workers"],
+            threads_per_worker=opts["threads_per_worker"],
+            memory_limit=opts["memory_limit"],
+            dashboard_address=opts["dashboard_address"],
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import dask.array as da
 import numpy as np
 from dask import delayed
-from distributed import Client, Future
+from distributed import Client
 
 from . import kernels
 

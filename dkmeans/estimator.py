@@ -59,7 +59,9 @@ class KMeans:
     # -- scikit-learn plumbing -----------------------------------------------------
 
     def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"}
+        return {
+            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
+        }
 
     def set_params(self, **params):
         valid = self.get_params()
@@ -144,7 +146,9 @@ class KMeans:
             raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {self.chunk_rows!r}")
         if isinstance(self.init, str):
             if self.init not in INIT_NAMES:
-                raise ValueError(f"Unknown init {self.init!r}; expected one of {', '.join(INIT_NAMES)} or a (k, d) array")
+                raise ValueError(
+                    f"Unknown init {self.init!r}; expected one of {', '.join(INIT_NAMES)} or a (k, d) array"
+                )
             return self.init
         init = np.asarray(self.init)
         if init.dtype.kind not in "biuf":

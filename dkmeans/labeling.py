@@ -12,7 +12,9 @@ def centroid_labels(cluster_labels, true_labels, n_clusters: int) -> np.ndarray:
     if cluster_labels.shape != true_labels.shape:
         raise ValueError(f"{cluster_labels.size} cluster labels but {true_labels.size} true labels")
     if cluster_labels.size and (cluster_labels.min() < 0 or cluster_labels.max() >= n_clusters):
-        raise ValueError(f"cluster labels must lie in [0, {n_clusters}), got {cluster_labels.min()}..{cluster_labels.max()}")
+        raise ValueError(
+            f"cluster labels must lie in [0, {n_clusters}), got {cluster_labels.min()}..{cluster_labels.max()}"
+        )
     if true_labels.size and true_labels.min() < 0:
         raise ValueError("true labels must be non-negative integers")
     n_classes = int(true_labels.max()) + 1 if true_labels.size else 1

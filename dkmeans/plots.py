@@ -32,7 +32,9 @@ def centroid_grid(centers, labels=None, *, image_shape=(28, 28), title: str | No
     centers = np.asarray(centers)
     k = centers.shape[0]
     if int(np.prod(image_shape)) != centers.shape[1]:
-        raise ValueError(f"centres have {centers.shape[1]} features, image_shape {image_shape} needs {np.prod(image_shape)}")
+        raise ValueError(
+            f"centres have {centers.shape[1]} features, image_shape {image_shape} needs {np.prod(image_shape)}"
+        )
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
     cell = max(0.45, min(1.2, 12 / cols))

@@ -84,7 +84,13 @@ def kmeans_parallel(client, data, k, rng):
         if phi <= 0:
             break
         picks = map_chunks(
-            data, kernels.oversample, factor=factor / phi, seed=seed, stream=round_, name="oversample", per_chunk={"d2": d2}
+            data,
+            kernels.oversample,
+            factor=factor / phi,
+            seed=seed,
+            stream=round_,
+            name="oversample",
+            per_chunk={"d2": d2},
         )
         chosen = [p for p in client.compute(picks, sync=True) if p[0].size]
         if not chosen:
@@ -107,4 +113,3 @@ def kmeans_parallel(client, data, k, rng):
 
 def _add(parts):
     return np.sum(parts, axis=0)
-

@@ -27,8 +27,18 @@ from dkmeans.cli import main
 
 SUBSAMPLE = dict(train_per_digit=100, test_size=50, seed=72)
 FIT_ARGS = [
-    "--k", "10", "--train-per-digit", "100", "--test-size", "50", "--seed", "72",
-    "--init", "sample", "--max-iter", "50",
+    "--k",
+    "10",
+    "--train-per-digit",
+    "100",
+    "--test-size",
+    "50",
+    "--seed",
+    "72",
+    "--init",
+    "sample",
+    "--max-iter",
+    "50",
 ]
 LOCAL_ARGS = ["--workers", "2", "--threads-per-worker", "1", "--dashboard-address", ":0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +59,11 @@ def env_for(tmp: Path, data_dir: Path) -> dict:
 def run_cli(args, env, timeout=240):
     start = time.perf_counter()
     proc = subprocess.run(
-        [str(DKMEANS), *args], env=env, capture_output=True, text=True, timeout=timeout,
+        [str(DKMEANS), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
     return proc, time.perf_counter() - start
@@ -269,14 +283,33 @@ def test_fit_on_remote_scheduler_matches_local_cluster(tmp_path, mnist_dir, loca
     def spawn(args, name):
         log = open(tmp_path / f"{name}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen(
-            args, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                args,
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
 
     try:
-        spawn([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-               "--scheduler-file", str(scheduler_file)], "scheduler")
+        spawn(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            "scheduler",
+        )
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() or not scheduler_file.read_text().strip():
             assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
@@ -285,14 +318,30 @@ def test_fit_on_remote_scheduler_matches_local_cluster(tmp_path, mnist_dir, loca
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
         for i in range(2):
-            spawn([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-                   "--no-dashboard", "--local-directory", str(tmp_path / f"worker{i}")], f"worker{i}")
+            spawn(
+                [
+                    dask,
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(tmp_path / f"worker{i}"),
+                ],
+                f"worker{i}",
+            )
         with Client(address, timeout=30) as c:
             c.wait_for_workers(2, timeout=60)
 
         out = tmp_path / "out"
-        proc, _ = run_cli(["fit", *FIT_ARGS, "--scheduler", address, "--out", str(out),
-                           "--cache-dir", str(tmp_path / "cache")], env)
+        proc, _ = run_cli(
+            ["fit", *FIT_ARGS, "--scheduler", address, "--out", str(out), "--cache-dir", str(tmp_path / "cache")], env
+        )
         assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         assert proc.stdout.startswith("Dask dashboard:")
         assert "2 workers with 2 threads" in proc.stdout
@@ -316,8 +365,11 @@ def test_fit_on_remote_scheduler_matches_local_cluster(tmp_path, mnist_dir, loca
 def test_unreachable_scheduler_fails_fast_and_names_it(tmp_path, mnist_dir, host):
     address = "tcp://" + host.format(port=closed_port())
     out = tmp_path / "out"
-    proc, elapsed = run_cli(["fit", "--scheduler", address, "--out", str(out), "--cache-dir", str(tmp_path / "c")],
-                            env_for(tmp_path, mnist_dir), timeout=120)
+    proc, elapsed = run_cli(
+        ["fit", "--scheduler", address, "--out", str(out), "--cache-dir", str(tmp_path / "c")],
+        env_for(tmp_path, mnist_dir),
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert elapsed < 30, elapsed
     assert address in proc.stderr, proc.stderr
@@ -327,8 +379,9 @@ def test_unreachable_scheduler_fails_fast_and_names_it(tmp_path, mnist_dir, host
 
 def test_connect_timeout_is_honoured(tmp_path, mnist_dir):
     address = f"tcp://127.0.0.1:{closed_port()}"
-    proc, elapsed = run_cli(["fit", "--scheduler", address, "--connect-timeout", "1"],
-                            env_for(tmp_path, mnist_dir), timeout=120)
+    proc, elapsed = run_cli(
+        ["fit", "--scheduler", address, "--connect-timeout", "1"], env_for(tmp_path, mnist_dir), timeout=120
+    )
     assert proc.returncode != 0
     assert address in proc.stderr
     assert elapsed < 8, elapsed
@@ -336,9 +389,26 @@ def test_connect_timeout_is_honoured(tmp_path, mnist_dir):
 
 # --- help, version, argument errors (in process) ------------------------------------------
 
-FIT_FLAGS = ["--k", "--init", "--max-iter", "--tol", "--seed", "--n-init", "--data-dir", "--chunk-rows", "--out",
-             "--scheduler", "--workers", "--threads-per-worker", "--memory-limit", "--cache-dir",
-             "--train-per-digit", "--test-size", "--dashboard-address", "--connect-timeout"]
+FIT_FLAGS = [
+    "--k",
+    "--init",
+    "--max-iter",
+    "--tol",
+    "--seed",
+    "--n-init",
+    "--data-dir",
+    "--chunk-rows",
+    "--out",
+    "--scheduler",
+    "--workers",
+    "--threads-per-worker",
+    "--memory-limit",
+    "--cache-dir",
+    "--train-per-digit",
+    "--test-size",
+    "--dashboard-address",
+    "--connect-timeout",
+]
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -360,8 +430,13 @@ def test_fit_help_lists_every_flag():
 
 
 def test_module_entry_point_help(tmp_path, mnist_dir):
-    proc = subprocess.run([sys.executable, "-m", "dkmeans.cli", "fit", "--help"], capture_output=True, text=True,
-                          timeout=60, env=env_for(tmp_path, mnist_dir))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkmeans.cli", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env_for(tmp_path, mnist_dir),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--scheduler" in proc.stdout and "--memory-limit" in proc.stdout
 
@@ -430,9 +505,24 @@ def test_corrupted_data_file_is_named(tmp_path, mnist_dir):
     size = victim.stat().st_size - 100
     victim.write_bytes(victim.read_bytes()[:size])  # truncated
     out = tmp_path / "out"
-    proc, elapsed = run_cli(["fit", *FIT_ARGS, "--workers", "1", "--dashboard-address", ":0", "--data-dir", str(data),
-                             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-                            env_for(tmp_path, mnist_dir), timeout=120)
+    proc, elapsed = run_cli(
+        [
+            "fit",
+            *FIT_ARGS,
+            "--workers",
+            "1",
+            "--dashboard-address",
+            ":0",
+            "--data-dir",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        env_for(tmp_path, mnist_dir),
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert elapsed < 60
     message = proc.stderr.strip().splitlines()[-1]
@@ -454,8 +544,11 @@ def test_corrupted_data_file_is_named(tmp_path, mnist_dir):
 )
 def test_impossible_subsample_is_a_clean_error(tmp_path, mnist_dir, args, pattern):
     out = tmp_path / "out"
-    proc, elapsed = run_cli(["fit", *args, *LOCAL_ARGS, "--workers", "1", "--out", str(out),
-                             "--cache-dir", str(tmp_path / "cache")], env_for(tmp_path, mnist_dir), timeout=120)
+    proc, elapsed = run_cli(
+        ["fit", *args, *LOCAL_ARGS, "--workers", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+        env_for(tmp_path, mnist_dir),
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert re.search(pattern, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr

@@ -96,9 +96,7 @@ def test_read_idx_detects_gzip_by_content_not_suffix(tmp_path):
     np.testing.assert_array_equal(read_idx(unzipped), array)
 
 
-@pytest.mark.parametrize(
-    ("code", "dtype"), [(0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8")]
-)
+@pytest.mark.parametrize(("code", "dtype"), [(0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8")])
 def test_read_idx_other_type_codes(tmp_path, code, dtype):
     array = np.array([[-3, 1], [2, 100]], dtype=dtype)
     result = read_idx(write(tmp_path / "x.idx", idx_bytes(array, code, dtype)))

@@ -81,7 +81,9 @@ def test_centres_are_broadcast_once_per_pass_not_embedded(counted, threads_clien
         return real_scatter(data, *args, **kwargs)
 
     def compute(collections_, *args, **kwargs):
-        graphs.append(dask.base.collections_to_expr(collections_).__dask_graph__() if isinstance(collections_, list) else None)
+        graphs.append(
+            dask.base.collections_to_expr(collections_).__dask_graph__() if isinstance(collections_, list) else None
+        )
         return real_compute(collections_, *args, **kwargs)
 
     monkeypatch.setattr(threads_client, "scatter", scatter)

@@ -334,7 +334,9 @@ def test_init_array_dtypes(Xs, client):
     ]
     for other in fits[1:]:
         assert_same_fit(fits[0], other, centre_atol=0)
-    np.testing.assert_allclose(fits[0].loss_history_[0] * len(Xs), np_sq_distances(Xs, init).min(axis=1).sum(), rtol=1e-9)
+    np.testing.assert_allclose(
+        fits[0].loss_history_[0] * len(Xs), np_sq_distances(Xs, init).min(axis=1).sum(), rtol=1e-9
+    )
 
 
 def test_n_init_keeps_the_lowest_inertia(Xs, client):

@@ -53,7 +53,13 @@ def mnist_centers(mnist_numpy):
 
 @pytest.mark.parametrize(
     "dtype, expected",
-    [(np.float32, np.float32), (np.float64, np.float64), (np.float16, np.float64), (np.uint8, np.float64), (np.int64, np.float64)],
+    [
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.float16, np.float64),
+        (np.uint8, np.float64),
+        (np.int64, np.float64),
+    ],
 )
 def test_compute_dtype(dtype, expected):
     assert kernels.compute_dtype(np.dtype(dtype)) == np.dtype(expected)
@@ -203,12 +209,15 @@ def test_combine_stats_of_split_chunks_equals_whole(mnist_slice, mnist_centers):
     _, whole = kernels.lloyd_chunk(mnist_slice, mnist_centers, n_far=n_far, offset=0)
     bounds = [0, 700, 701, 701, 1500, 1501, 2900, len(mnist_slice)]  # includes 1-row and 0-row chunks
     parts = [
-        kernels.lloyd_chunk(mnist_slice[a:b], mnist_centers, n_far=n_far, offset=a)[1] for a, b in zip(bounds, bounds[1:])
+        kernels.lloyd_chunk(mnist_slice[a:b], mnist_centers, n_far=n_far, offset=a)[1]
+        for a, b in zip(bounds, bounds[1:])
     ]
     for combined in (
         kernels.combine_stats(parts, n_far),
         # a two-level tree gives the same as a flat one
-        kernels.combine_stats([kernels.combine_stats(parts[:3], n_far), kernels.combine_stats(parts[3:], n_far)], n_far),
+        kernels.combine_stats(
+            [kernels.combine_stats(parts[:3], n_far), kernels.combine_stats(parts[3:], n_far)], n_far
+        ),
     ):
         np.testing.assert_array_equal(combined.sums, whole.sums)
         np.testing.assert_array_equal(combined.counts, whole.counts)

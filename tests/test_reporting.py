@@ -308,8 +308,14 @@ def test_atomic_path_honours_umask(tmp_path):
 
 
 def test_write_json_round_trip(tmp_path):
-    obj = {"k": 10, "init": "k-means||", "loss_history": [4.5, 2.25, 2.0], "accuracy": 0.5330000000000001,
-           "nested": {"none": None, "flag": True}, "unicode": "J_clust \u2193"}
+    obj = {
+        "k": 10,
+        "init": "k-means||",
+        "loss_history": [4.5, 2.25, 2.0],
+        "accuracy": 0.5330000000000001,
+        "nested": {"none": None, "flag": True},
+        "unicode": "J_clust \u2193",
+    }
     path = tmp_path / "metrics.json"
     path.write_text("stale")
     write_json(path, obj)

@@ -165,9 +165,7 @@ def _download(filename: str, sha256: str, mirrors: tuple[str, ...], dest: Path) 
         except (OSError, ValueError, http.client.HTTPException) as exc:
             failures.append(f"  {url}: {exc}")
             warnings.warn(f"MNIST mirror failed: {url}: {exc}", RuntimeWarning, stacklevel=2)
-    raise DownloadError(
-        f"could not download {filename} with SHA-256 {sha256} from any mirror:\n" + "\n".join(failures)
-    )
+    raise DownloadError(f"could not download {filename} with SHA-256 {sha256} from any mirror:\n" + "\n".join(failures))
 
 
 def _download_one(url: str, sha256: str, dest: Path) -> None:

@@ -72,8 +72,7 @@ def _parse(stream: BinaryIO, path: Path) -> np.ndarray:
     dims_raw = _read_at_most(stream, 4 * ndim)
     if len(dims_raw) < 4 * ndim:
         raise IDXFormatError(
-            f"{path}: header is truncated: {ndim} dimensions need {4 * ndim} bytes "
-            f"of sizes, found {len(dims_raw)}"
+            f"{path}: header is truncated: {ndim} dimensions need {4 * ndim} bytes of sizes, found {len(dims_raw)}"
         )
     shape = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
     dtype = _DTYPES[type_code]
@@ -89,9 +88,7 @@ def _parse(stream: BinaryIO, path: Path) -> np.ndarray:
         found = expected + extra
     else:
         found = len(payload)
-    raise IDXFormatError(
-        f"{path}: payload is {found} bytes, expected {expected} for shape {shape}"
-    )
+    raise IDXFormatError(f"{path}: payload is {found} bytes, expected {expected} for shape {shape}")
 
 
 def _read_at_most(stream: BinaryIO, n: int) -> bytearray:

@@ -120,7 +120,7 @@ def open_store(dest: str | os.PathLike[str], sources: Mapping[str, str]) -> Stor
             return None
         if set(manifest["arrays"]) != set(sources):
             return None
-        for name, entry in manifest["arrays"].items():
+        for entry in manifest["arrays"].values():
             on_disk = np.load(dest / entry["file"], mmap_mode="r")
             if list(on_disk.shape) != entry["shape"] or on_disk.dtype.str != entry["dtype"]:
                 return None
