@@ -35,7 +35,7 @@ def main() -> None:
     print(f"full MNIST {X.shape}, {os.cpu_count()} cores, {args.iters} iterations, median of {args.repeats} runs")
     print(f"{'k':>5} {'dkmeans s/iter':>15} {'sklearn s/iter':>15} {'ratio':>7} {'inertia rel. diff':>18}")
     with (
-        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         for k in args.k:

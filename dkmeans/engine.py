@@ -17,7 +17,7 @@ from typing import Callable
 import dask.array as da
 import numpy as np
 from dask import delayed
-from distributed import Client
+from distributed import Client, Future
 
 from . import kernels
 
@@ -115,8 +115,9 @@ def tree_reduce(parts: list, combine, *args, name: str):
     return parts[0]
 
 
-def _concat_rows(parts):
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+def broadcast(client: Client, array: np.ndarray) -> Future:
+    """Send an array to every worker once; tasks then refer to it by key instead of embedding it."""
+    return client.scatter(array, broadcast=True, hash=False)
 
 
 def fetch_rows(client: Client, data: ChunkedData, indices) -> np.ndarray:
@@ -198,7 +199,7 @@ def lloyd(
 
 def lloyd_pass(client: Client, data: ChunkedData, centers: np.ndarray, n_far: int):
     """Map lloyd_chunk over the chunks, tree-reduce the partials; labels stay on the workers."""
-    centers_on_workers = client.scatter(centers, broadcast=True, hash=False)
+    centers_on_workers = broadcast(client, centers)
     passes = map_chunks(data, kernels.lloyd_chunk, centers_on_workers, n_far=n_far, name="assign", nout=2)
     total = tree_reduce([p[1] for p in passes], kernels.combine_stats, n_far, name="reduce")
     futures = client.compute([p[0] for p in passes] + [total])

@@ -215,5 +215,5 @@ def _client(client: Client | None):
     if client is not None:
         yield client
         return
-    with LocalCluster(processes=False, dashboard_address=None) as cluster, Client(cluster) as local:
+    with LocalCluster(processes=False, dashboard_address=":0") as cluster, Client(cluster) as local:
         yield local

@@ -12,7 +12,7 @@ from dask import delayed
 from distributed import Client
 
 from . import kernels
-from .engine import OVERSAMPLING, PARALLEL_ROUNDS, ChunkedData, fetch_rows, map_chunks, tree_reduce
+from .engine import OVERSAMPLING, PARALLEL_ROUNDS, ChunkedData, broadcast, fetch_rows, map_chunks, tree_reduce
 
 INIT_NAMES = ("k-means||", "k-means++", "sample", "cluster", "random")
 
@@ -45,6 +45,7 @@ def sample_rows(client, data, k, rng):
 
 def _min_d2(client, data, centers, previous=None):
     """Update every chunk's distance-to-nearest-centre (kept on the workers); return it and its chunk sums."""
+    centers = broadcast(client, centers)
     if previous is None:
         d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance")
     else:
@@ -100,13 +101,14 @@ def kmeans_parallel(client, data, k, rng):
         order = np.argsort(new_index)
         indices.append(new_index[order])
         candidates = np.vstack([candidates, new_rows[order]])
-        d2, sums = _min_d2(client, data, new_rows[order], previous=d2)
+        if round_ < PARALLEL_ROUNDS - 1:  # the last round's distances would not be used
+            d2, sums = _min_d2(client, data, new_rows[order], previous=d2)
     index = np.concatenate(indices)
     if index.size < k:
         # Too few candidates (tiny or degenerate data): top up with distinct random rows.
         extra = rng.choice(np.setdiff1d(np.arange(data.n_samples), index), size=k - index.size, replace=False)
         candidates = np.vstack([candidates, fetch_rows(client, data, np.sort(extra)).astype(np.float64)])
-    counts = map_chunks(data, kernels.nearest_counts, candidates, name="candidate-weight")
+    counts = map_chunks(data, kernels.nearest_counts, broadcast(client, candidates), name="candidate-weight")
     weights = client.compute(tree_reduce(counts, _add, name="candidate-weight-sum"), sync=True)
     return kernels.weighted_kmeans_plusplus(candidates, k, weights, rng)
 

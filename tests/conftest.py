@@ -74,6 +74,6 @@ def client():
     """A real two-process LocalCluster (one thread each), shared by the tests that need one."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, processes=True) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", processes=True) as cluster:
         with Client(cluster) as c:
             yield c

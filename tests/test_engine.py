@@ -31,7 +31,7 @@ class CountingRows:
 @pytest.fixture(scope="module")
 def threads_client():
     """In-process workers, so the read counter is shared with the test."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         with Client(cluster, set_as_default=False) as c:
             yield c
 
