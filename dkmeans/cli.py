@@ -232,6 +232,13 @@ def _client(opts):
                 f"Could not connect to the Dask scheduler at {address} within {opts['connect_timeout']:g} s: {exc}"
             ) from exc
         with client:
+            try:
+                client.wait_for_workers(1, timeout=opts["connect_timeout"])
+            except TimeoutError as exc:
+                raise click.ClickException(
+                    f"The Dask scheduler at {address} has no workers (waited {opts['connect_timeout']:g} s); "
+                    f"start some with: dask worker {address}"
+                ) from exc
             yield client
         return
     with (

@@ -317,6 +317,14 @@ def test_fit_on_remote_scheduler_matches_local_cluster(tmp_path, mnist_dir, loca
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
+
+        # A scheduler without workers is a clear error, not a hang.
+        proc, elapsed = run_cli(["fit", *FIT_ARGS, "--scheduler", address, "--connect-timeout", "2"], env, timeout=120)
+        assert proc.returncode != 0
+        assert elapsed < 30, elapsed
+        assert f"The Dask scheduler at {address} has no workers" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
         for i in range(2):
             spawn(
                 [
