@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import logging
 import os
-import secrets
 import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
@@ -20,6 +19,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 import platformdirs
+
+from ..atomic import atomic_path
 
 __all__ = [
     "MIRRORS",
@@ -170,19 +171,13 @@ def _download(filename: str, sha256: str, mirrors: tuple[str, ...], dest: Path) 
 
 def _download_one(url: str, sha256: str, dest: Path) -> None:
     """Stream into a temporary file beside `dest`, verify, then rename atomically."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    # os.open with mode 0o666 honours the umask, unlike tempfile.mkstemp's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+    digest = hashlib.sha256()
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             while piece := response.read(_HASH_CHUNK):
                 digest.update(piece)
                 out.write(piece)
         actual = digest.hexdigest()
-        if actual != sha256:
+        if actual != sha256:  # raising here makes atomic_path delete the download
             raise ChecksumError(f"SHA-256 mismatch: expected {sha256}, got {actual} (download deleted)")
-        os.replace(tmp, dest)
-        log.info("downloaded %s (%.1f MB, SHA-256 verified)", dest.name, dest.stat().st_size / 1e6)
-    finally:
-        tmp.unlink(missing_ok=True)
+    log.info("downloaded %s (%.1f MB, SHA-256 verified)", dest.name, dest.stat().st_size / 1e6)
