@@ -551,3 +551,34 @@ def test_refit_same_numpy_array():
             fits = [KMeans(5, init=X[:5], max_iter=1, chunk_rows=500, client=own).fit(X) for _ in range(4)]
     for other in fits[1:]:
         assert_same_fit(fits[0], other, centre_atol=0)
+
+
+def test_fit_without_any_client_uses_a_temporary_cluster(Xs, tmp_path):
+    """Plain scikit-learn style use, in a fresh process with no Dask client anywhere."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "X.npy", Xs[:2000])
+    script = (
+        "import numpy as np, distributed\n"
+        "from dkmeans import KMeans\n"
+        f"X = np.load({str(tmp_path / 'X.npy')!r})\n"
+        "km = KMeans(8, init=X[:8].astype(float), max_iter=10, tol=0).fit(X)\n"
+        "try:\n"
+        "    distributed.get_client()\n"
+        "    leaked = True\n"
+        "except ValueError:\n"
+        "    leaked = False\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, centers=km.cluster_centers_, labels=km.labels_,"
+        " inertia=km.inertia_, n_iter=km.n_iter_, leaked=leaked)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, capture_output=True)
+    out = np.load(tmp_path / "out.npz")
+    sk = SKKMeans(8, init=Xs[:8].astype(float), n_init=1, max_iter=10, tol=0, algorithm="lloyd").fit(
+        Xs[:2000].astype(np.float64)
+    )
+    assert not out["leaked"]  # the temporary cluster and its client are closed after fit
+    assert int(out["n_iter"]) == sk.n_iter_
+    np.testing.assert_array_equal(out["labels"], sk.labels_)
+    np.testing.assert_allclose(out["centers"], sk.cluster_centers_, rtol=0, atol=1e-9)
+    assert float(out["inertia"]) == pytest.approx(sk.inertia_, rel=1e-9)
