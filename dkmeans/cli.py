@@ -13,8 +13,7 @@ import click
 import numpy as np
 
 from . import __version__
-
-INITS = ["k-means||", "k-means++", "sample", "cluster", "random"]
+from .seeding import INIT_NAMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -36,7 +35,7 @@ def _show_progress_logs() -> None:
 
 @main.command()
 @click.option("--k", "k", type=click.IntRange(min=1), default=10, help="Number of clusters.")
-@click.option("--init", type=click.Choice(INITS), default="k-means||", help="Initialisation.")
+@click.option("--init", type=click.Choice(INIT_NAMES), default="k-means||", help="Initialisation.")
 @click.option("--n-init", type=click.IntRange(min=1), default=1, help="Restarts; the lowest inertia wins.")
 @click.option("--max-iter", type=click.IntRange(min=1), default=300, help="Most Lloyd iterations per run.")
 @click.option(
