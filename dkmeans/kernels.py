@@ -91,12 +91,30 @@ def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
 
 def _assign_tiles(chunk, centers, offset, on_tile=None):
     """Assign tile by tile; on_tile(x, labels) sees each float tile before it is dropped."""
+    hook = None if on_tile is None else (lambda model, x, lab: on_tile(x, lab))
+    labels, min_d2 = _assign_tiles_many(chunk, centers, (centers.shape[0],), offset, hook)
+    return labels[0], min_d2[0]
+
+
+def _assign_tiles_many(chunk, centers, sizes, offset, on_tile=None):
+    """Assign every row to its nearest centre of each model, all models in one matrix product per tile.
+
+    ``centers`` stacks the models' centres; ``sizes`` says how many belong to
+    each. A model's distances are columns of the stacked product and come out
+    bit for bit as from a product against its centres alone (the inner sums
+    run in the same order), except for a single-column product, which BLAS
+    routes to a matrix-vector kernel: a lone centre is therefore padded to two.
+    on_tile(model, x, labels) sees each float tile before it is dropped.
+    """
     ftype = compute_dtype(chunk.dtype)
     c = centers.astype(ftype, copy=False)
+    if c.shape[0] == 1:
+        c = np.concatenate([c, c])
     c_sq = squared_norms(c)
+    bounds = np.cumsum((0,) + tuple(sizes))
     n = chunk.shape[0]
-    labels = np.empty(n, dtype=np.int32)
-    min_d2 = np.empty(n, dtype=np.float64)
+    labels = [np.empty(n, dtype=np.int32) for _ in sizes]
+    min_d2 = [np.empty(n, dtype=np.float64) for _ in sizes]
     floating = chunk.dtype.kind == "f"
     for rows in row_tiles(n, max(chunk.shape[1], c.shape[0])):
         x = chunk[rows].astype(ftype)
@@ -104,11 +122,12 @@ def _assign_tiles(chunk, centers, offset, on_tile=None):
         if floating:
             check_finite(x, x_sq, offset + rows.start)
         d2 = sq_distances(x, c, x_sq, c_sq)
-        lab = np.argmin(d2, axis=1)
-        labels[rows] = lab
-        min_d2[rows] = d2[np.arange(lab.size), lab]
-        if on_tile is not None:
-            on_tile(x, lab)
+        for model, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            lab = np.argmin(d2[:, start:stop], axis=1)
+            labels[model][rows] = lab
+            min_d2[model][rows] = d2[np.arange(lab.size), start + lab]
+            if on_tile is not None:
+                on_tile(model, x, lab)
     return labels, min_d2
 
 
@@ -130,13 +149,29 @@ def lloyd_chunk(chunk: np.ndarray, centers: np.ndarray, n_far: int, offset: int 
     ``n_far`` farthest rows (by distance to their own centre) are kept so the
     reduction can relocate empty clusters without another pass over the data.
     """
-    k, d = centers.shape
-    sums = np.zeros((k, d), dtype=np.float64)
-    labels, min_d2 = _assign_tiles(chunk, centers, offset, on_tile=lambda x, lab: _add_cluster_sums(sums, x, lab))
-    counts = np.bincount(labels, minlength=k).astype(np.int64)
-    far_d2, far_index = farthest(min_d2, n_far, offset)
-    far_label = labels[far_index - offset].astype(np.int64)
-    return labels, ChunkStats(sums, counts, float(min_d2.sum()), far_d2, far_index, far_label)
+    labels, stats = lloyd_chunk_many(chunk, centers, (centers.shape[0],), (n_far,), offset)
+    return labels[0], stats[0]
+
+
+def lloyd_chunk_many(chunk: np.ndarray, centers: np.ndarray, sizes, n_far, offset: int = 0):
+    """lloyd_chunk for several models at once (a sweep over k, or restarts): one read of the chunk for all.
+
+    ``centers`` stacks the models' centres, ``sizes[m]`` of them for model m,
+    which keeps ``n_far[m]`` farthest rows. Returns per-model lists of labels
+    and ChunkStats.
+    """
+    d = centers.shape[1]
+    sums = [np.zeros((k, d), dtype=np.float64) for k in sizes]
+    labels, min_d2 = _assign_tiles_many(
+        chunk, centers, sizes, offset, on_tile=lambda m, x, lab: _add_cluster_sums(sums[m], x, lab)
+    )
+    stats = []
+    for m, k in enumerate(sizes):
+        counts = np.bincount(labels[m], minlength=k).astype(np.int64)
+        far_d2, far_index = farthest(min_d2[m], n_far[m], offset)
+        far_label = labels[m][far_index - offset].astype(np.int64)
+        stats.append(ChunkStats(sums[m], counts, float(min_d2[m].sum()), far_d2, far_index, far_label))
+    return labels, stats
 
 
 def _add_cluster_sums(sums: np.ndarray, x: np.ndarray, labels: np.ndarray) -> None:
@@ -177,6 +212,11 @@ def combine_stats(parts: list[ChunkStats], n_far: int) -> ChunkStats:
         far_index=far_index[order],
         far_label=far_label[order],
     )
+
+
+def combine_stats_many(parts: list[list[ChunkStats]], n_far) -> list[ChunkStats]:
+    """combine_stats model by model, for partials of lloyd_chunk_many."""
+    return [combine_stats([p[m] for p in parts], n_far[m]) for m in range(len(n_far))]
 
 
 def update_centers(stats: ChunkStats, old_centers: np.ndarray, far_rows: np.ndarray | None = None) -> np.ndarray:
