@@ -92,6 +92,9 @@ def confusion_matrix(true_labels, predicted, n_classes: int | None = None) -> np
     predicted = np.asarray(predicted)
     if true_labels.shape != predicted.shape:
         raise ValueError(f"{true_labels.size} true labels but {predicted.size} predictions")
+    for name, labels in (("true", true_labels), ("predicted", predicted)):
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name} labels must be integers, got dtype {labels.dtype}")
     if n_classes is None:
         n_classes = int(max(true_labels.max(initial=-1), predicted.max(initial=-1))) + 1
     if true_labels.size and (true_labels.min() < 0 or true_labels.max() >= n_classes):

@@ -243,6 +243,7 @@ def test_most_confused():
         (lambda: metrics.confusion_matrix([0, 1], [0], 2), ValueError, "2 true labels but 1 predictions"),
         (lambda: metrics.confusion_matrix([0, 2], [0, 1], 2), ValueError, "true labels must lie"),
         (lambda: metrics.confusion_matrix([0, 1], [0, -2], 2), ValueError, "or be -1"),
+        (lambda: metrics.confusion_matrix([0, 1], [0.0, 1.5], 2), TypeError, "predicted labels must be integers"),
     ],
 )
 def test_bad_input_names_the_problem(call, error, match):
