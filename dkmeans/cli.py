@@ -116,7 +116,7 @@ seed_option = click.option(
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write metrics.json, model.npz, loss.png and centroids.png here.",
+    help="Write metrics.json, model.npz, loss.png, centroids.png and confusion.png here.",
 )
 @cluster_options
 def fit(**opts):
@@ -132,7 +132,7 @@ def fit(**opts):
 def run(client, opts) -> dict:
     """The `fit` command's work, given a connected client."""
     from .estimator import KMeans
-    from .labeling import accuracy, centroid_labels, predict_labels
+    from .metrics import centroid_labels, clustering_scores
 
     started = time.perf_counter()
     data = _load(opts)
@@ -161,10 +161,14 @@ def run(client, opts) -> dict:
     fit_start = time.perf_counter()
     model.fit(X)
     fit_seconds = time.perf_counter() - fit_start
-    mapping = centroid_labels(model.labels_, y, opts["k"])
-    train_acc = accuracy(y, predict_labels(model.labels_, mapping))
+    train_clusters = np.asarray(model.labels_)
+    mapping = centroid_labels(train_clusters, y, opts["k"])
     test_clusters = client.compute(model.predict(data.test_images), sync=True)
-    test_acc = accuracy(data.test_labels, predict_labels(test_clusters, mapping))
+    n_classes = int(max(np.max(y), np.max(data.test_labels))) + 1
+    scores = {
+        "train": clustering_scores(train_clusters, y, mapping, n_classes),
+        "test": clustering_scores(test_clusters, data.test_labels, mapping, n_classes),
+    }
     metrics = {
         "k": opts["k"],
         "init": opts["init"],
@@ -176,8 +180,8 @@ def run(client, opts) -> dict:
         "inertia": float(model.inertia_),
         "J_clust": float(model.loss_history_[-1]),
         "loss_history": [float(v) for v in model.loss_history_],
-        "train_accuracy": train_acc,
-        "test_accuracy": test_acc,
+        **_flat_scores(scores),
+        "confusion_matrix_axes": "rows: true digit, columns: predicted digit (majority label of the cluster)",
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
         "median_seconds_per_iteration": float(np.median(pass_seconds)),
@@ -187,11 +191,10 @@ def run(client, opts) -> dict:
         f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({metrics['median_seconds_per_iteration']:.3f} s "
         f"per pass, median), inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
     )
-    click.echo(f"Train accuracy: {train_acc:.4f}")
-    click.echo(f"Test accuracy:  {test_acc:.4f}")
+    _echo_scores(scores)
     if opts["out_dir"] is not None:
         _write_outputs(Path(opts["out_dir"]), model, mapping, metrics)
-        click.echo(f"Wrote metrics.json, model.npz, loss.png, centroids.png to {opts['out_dir']}")
+        click.echo(f"Wrote metrics.json, model.npz, loss.png, centroids.png, confusion.png to {opts['out_dir']}")
     return metrics
 
 
@@ -370,7 +373,7 @@ def reproduce(**opts):
     tol=1e-6). With --full, the same two fits on all of MNIST.
     """
     from .estimator import KMeans, fit_many
-    from .labeling import accuracy, centroid_labels, predict_labels
+    from .metrics import accuracy, centroid_labels, predict_labels
 
     if opts["out_dir"] is not None:
         _check_writable(opts["out_dir"])
@@ -461,6 +464,31 @@ def _describe(client, X) -> None:
     )
 
 
+def _flat_scores(scores: dict) -> dict:
+    """{"train": {"accuracy": ..}, ..} -> {"train_accuracy": .., ..}, the keys metrics.json has always used."""
+    return {f"{part}_{name}": value for part, values in scores.items() for name, value in values.items() if name != "n"}
+
+
+def _echo_scores(scores: dict) -> None:
+    from .metrics import most_confused
+
+    click.echo(f"Train accuracy: {scores['train']['accuracy']:.4f}")
+    click.echo(f"Test accuracy:  {scores['test']['accuracy']:.4f}")
+    for part in ("train", "test"):
+        s = scores[part]
+        click.echo(f"{part.capitalize():<5} purity {s['purity']:.4f}  NMI {s['nmi']:.4f}  ARI {s['ari']:.4f}")
+    confused = most_confused(scores["test"]["confusion_matrix"])
+    if confused is not None:
+        true, predicted, count = confused
+        total = sum(scores["test"]["confusion_matrix"][true])
+        click.echo(f"Most confused on test: {true} read as {predicted} ({count} of {total} test images of {true})")
+    if scores["train"]["unlabelled"] or scores["test"]["unlabelled"]:
+        click.echo(
+            f"Unlabelled (in a cluster without training rows): {scores['train']['unlabelled']} train, "
+            f"{scores['test']['unlabelled']} test"
+        )
+
+
 def _write_outputs(out: Path, model, mapping, metrics) -> None:
     from . import plots
     from .atomic import atomic_path, write_json
@@ -483,6 +511,11 @@ def _write_outputs(out: Path, model, mapping, metrics) -> None:
         model.loss_history_, title=f"J_clust per iteration (k={model.n_clusters}, {model.init})", path=out / "loss.png"
     )
     plots.centroid_grid(model.cluster_centers_, mapping, path=out / "centroids.png")
+    plots.confusion_matrix(
+        metrics["test_confusion_matrix"],
+        title=f"Test confusion (k={model.n_clusters}, {model.init}, accuracy {metrics['test_accuracy']:.3f})",
+        path=out / "confusion.png",
+    )
     write_json(out / "metrics.json", metrics)
 
 

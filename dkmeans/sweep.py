@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .estimator import KMeans, fit_many
-from .labeling import accuracy, centroid_labels, predict_labels
+from .metrics import accuracy, centroid_labels, predict_labels
 from .seeding import INIT_NAMES
 
 

@@ -219,7 +219,8 @@ def test_lloyd_chunk_many_equals_each_model_alone(mnist_slice, mnist_numpy, as_f
     """Stacked models (k = 1, 2, 5, 20, 3) give each model exactly what lloyd_chunk gives it alone."""
     X, _ = mnist_numpy
     rng = np.random.default_rng(5)
-    models = [X[rng.choice(len(X), size=(k, 3), replace=False)].astype(np.float64).mean(axis=1) for k in (1, 2, 5, 20, 3)]
+    groups = [rng.choice(len(X), size=(k, 3), replace=False) for k in (1, 2, 5, 20, 3)]
+    models = [X[g].astype(np.float64).mean(axis=1) for g in groups]
     chunk = mnist_slice.astype(np.float32) / 255 if as_float32 else mnist_slice
     models = [m / 255 for m in models] if as_float32 else models
     sizes = tuple(len(m) for m in models)

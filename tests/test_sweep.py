@@ -6,7 +6,7 @@ from distributed import Client, LocalCluster
 
 from dkmeans import KMeans, fit_many
 from dkmeans.engine import chunk_data, lloyd
-from dkmeans.labeling import accuracy, centroid_labels, predict_labels
+from dkmeans.metrics import accuracy, centroid_labels, predict_labels
 from dkmeans.seeding import init_centers
 from dkmeans.sweep import elbow, parse_inits, parse_k_range
 
