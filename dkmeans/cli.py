@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -388,14 +389,22 @@ def reproduce(**opts):
             data = _load(opts, train_per_digit=per_digit, test_size=test_size)
             X, y = data.train_images, data.train_labels
             test_images = client.compute(data.test_images, sync=True)
+            click.echo(f"{name}: {X.shape[0]} training, {test_images.shape[0]} test images; fitting both runs together")
+            progress = _PassProgress()
             models = [
-                KMeans(NOTEBOOK["k"], init=init, max_iter=max_iter, tol=tol, random_state=NOTEBOOK["seed"])
+                KMeans(
+                    NOTEBOOK["k"],
+                    init=init,
+                    max_iter=max_iter,
+                    tol=tol,
+                    random_state=NOTEBOOK["seed"],
+                    callback=functools.partial(progress, NOTEBOOK["k"], init),
+                )
                 for init, max_iter, tol in NOTEBOOK_RUNS
             ]
-            click.echo(f"{name}: {X.shape[0]} training, {test_images.shape[0]} test images; fitting both runs together")
-            start = time.perf_counter()
             fit_many(models, X, client=client)
-            seconds = time.perf_counter() - start
+            progress.flush()
+            seconds = time.perf_counter() - progress.started
             for model, (init, max_iter, tol) in zip(models, NOTEBOOK_RUNS):
                 mapping = centroid_labels(model.labels_, y, model.n_clusters)
                 test_predicted = predict_labels(model.predict(test_images), mapping)
@@ -441,8 +450,9 @@ def _load(opts, **overrides):
     """MNIST as chunked Dask arrays, from the options of a command; bad data is a clean error."""
     from .data import load_mnist
 
-    params = {key: opts[key] for key in ("data_dir", "cache_dir", "chunk_rows", "train_per_digit", "test_size")}
-    params.update(seed=opts["seed"], **overrides)
+    keys = ("data_dir", "cache_dir", "chunk_rows", "train_per_digit", "test_size", "seed")
+    params = {key: opts.get(key) for key in keys}
+    params.update(overrides)
     click.echo("Loading MNIST (verified, converted to the chunked store on first use)...")
     try:
         return load_mnist(**params)
