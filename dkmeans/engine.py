@@ -166,6 +166,7 @@ class Iteration:
     shift: float  # largest centre movement of the update it computed
     seconds: float  # wall time of the pass (shared by all models in it)
     centers: np.ndarray  # the updated centres
+    continues: bool  # the fit goes on from them (a resumable state); False on its last pass
 
 
 @dataclass(eq=False)
@@ -173,6 +174,7 @@ class _Run:
     centers: np.ndarray
     max_iter: int
     tol: float
+    n_iter: int = 0  # updates so far
     losses: list = field(default_factory=list)
     result: LloydResult | None = None
 
@@ -184,6 +186,9 @@ def lloyd(
     max_iter: int,
     tol: float,
     callback: Callable | None = None,
+    *,
+    start_iter: int = 0,
+    loss_history: list[float] | None = None,
 ) -> LloydResult:
     """Lloyd iterations, one pass over the data each, until every centre moves less than tol.
 
@@ -193,8 +198,13 @@ def lloyd(
     returned centres exactly: no separate pass for labels or inertia. As in
     scikit-learn, ``n_iter`` counts updates, and an update that changes
     nothing (a fixed point) is counted. ``callback`` receives an Iteration.
+
+    Resuming: ``centers`` after ``start_iter`` updates, with the
+    ``loss_history`` of the passes before them, continue a run exactly where
+    it stopped.
     """
-    return lloyd_many(client, data, [centers], [max_iter], [tol], callback)[0]
+    start = [(start_iter, loss_history or [])]
+    return lloyd_many(client, data, [centers], [max_iter], [tol], callback, start=start)[0]
 
 
 def lloyd_many(
@@ -204,36 +214,44 @@ def lloyd_many(
     max_iter: list[int],
     tol: list[float],
     callback: Callable | None = None,
+    *,
+    start: list[tuple[int, list[float]]] | None = None,
 ) -> list[LloydResult]:
     """Several independent Lloyd fits (a sweep over k, or restarts) sharing every pass over the data.
 
-    Each pass reads every chunk once and assigns it against the stacked centres
-    of all models still running; a model that stops drops out of later passes.
-    Each model's result is identical to what ``lloyd`` gives it alone.
+    Each pass reads every chunk once and assigns it for all models still
+    running; a model that stops drops out of later passes. Each model's result
+    is identical to what ``lloyd`` gives it alone. ``start`` gives each model's
+    (updates so far, loss history) when resuming.
     """
-    runs = [_Run(np.asarray(c, dtype=np.float64), m, t) for c, m, t in zip(centers, max_iter, tol, strict=True)]
-    n_iter = 0
+    start = start or [(0, [])] * len(centers)
+    runs = [
+        _Run(np.asarray(c, dtype=np.float64), m, t, n, list(losses))
+        for c, m, t, (n, losses) in zip(centers, max_iter, tol, start, strict=True)
+    ]
     while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
-        start = time.perf_counter()
+        began = time.perf_counter()
         labels_parts, stats = lloyd_pass(client, data, [r.centers for _, r in active])
         far_rows = _relocation_rows(client, data, stats)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         finished = []
         for slot, ((index, run), st, rows) in enumerate(zip(active, stats, far_rows)):
             run.losses.append(st.inertia / data.n_samples)
             new_centers = kernels.update_centers(st, run.centers, rows)
             shift = float(np.sqrt(((new_centers - run.centers) ** 2).sum(axis=1)).max())
-            if callback is not None:
-                callback(Iteration(index, n_iter, run.losses[-1], shift, seconds, new_centers))
             done_iter = None
-            if shift == 0.0 and n_iter < run.max_iter:
-                done_iter = n_iter + 1  # the update was a no-op: count it, as scikit-learn does
-                run.losses.append(run.losses[-1])
-            elif shift < run.tol or n_iter == run.max_iter:
-                done_iter = n_iter
+            if shift == 0.0 and run.n_iter < run.max_iter:
+                done_iter = run.n_iter + 1  # the update was a no-op: count it, as scikit-learn does
+            elif shift < run.tol or run.n_iter >= run.max_iter:
+                done_iter = run.n_iter
+            if callback is not None:
+                callback(Iteration(index, run.n_iter, run.losses[-1], shift, seconds, new_centers, done_iter is None))
             if done_iter is None:
                 run.centers = new_centers
+                run.n_iter += 1
             else:
+                if done_iter > run.n_iter:
+                    run.losses.append(run.losses[-1])
                 run.result = LloydResult(run.centers, None, st.inertia, done_iter, run.losses)
                 finished.append((run, slot))
         if finished:
@@ -242,7 +260,6 @@ def lloyd_many(
             for i, (run, _) in enumerate(finished):
                 parts = labels[i * data.n_chunks : (i + 1) * data.n_chunks]
                 run.result.labels = np.concatenate(parts).astype(np.int64)
-        n_iter += 1
     return [r.result for r in runs]
 
 
