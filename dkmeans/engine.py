@@ -8,6 +8,7 @@ result that the client turns into new centres.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -28,6 +29,8 @@ PERSIST_MEMORY_FRACTION = 0.5
 # k-means|| settings (Bahmani et al. 2012): 5 rounds of oversampling ~2k rows each.
 PARALLEL_ROUNDS = 5
 OVERSAMPLING = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
         persisted = _fits_in_memory(client, X.nbytes)
+        log.info(placement_message(client, X.nbytes, persisted))
         keep = client.persist(X) if persisted else X
         blocks = list(keep.to_delayed().ravel())
         sizes = X.chunks[0]
@@ -81,6 +85,16 @@ def _fits_in_memory(client: Client, nbytes: int) -> bool:
     if any(limit == 0 for limit in limits):  # no limit set
         return True
     return nbytes <= PERSIST_MEMORY_FRACTION * sum(limits)
+
+
+def placement_message(client: Client, nbytes: int, persisted: bool) -> str:
+    """One line saying whether the data is kept in worker memory or streamed, and why."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    total = sum(limits) if limits and all(limits) else None
+    budget = "no worker memory limit" if total is None else f"{PERSIST_MEMORY_FRACTION:.0%} of {total / 1e6:,.0f} MB"
+    if persisted:
+        return f"data: persisted in worker memory ({nbytes / 1e6:,.1f} MB fits in {budget})"
+    return f"data: streamed from storage every iteration ({nbytes / 1e6:,.1f} MB exceeds {budget})"
 
 
 # --- map and reduce helpers -----------------------------------------------------
@@ -163,6 +177,10 @@ def lloyd(
     max_iter: int,
     tol: float,
     callback: Callable | None = None,
+    *,
+    start_iter: int = 0,
+    loss_history: list[float] | None = None,
+    on_update: Callable | None = None,
 ) -> LloydResult:
     """Lloyd iterations, one pass over the data each, until every centre moves less than tol.
 
@@ -172,11 +190,16 @@ def lloyd(
     returned centres exactly: no separate pass for labels or inertia. As in
     scikit-learn, ``n_iter`` counts updates, and an update that changes
     nothing (a fixed point) is counted.
+
+    Resuming (checkpoints): ``centers`` after ``start_iter`` updates and the
+    ``loss_history`` of the passes before them continue a run exactly where it
+    stopped. ``on_update(n_updates, centers, losses)`` is called whenever the
+    loop goes on with new centres, i.e. with precisely that resumable state.
     """
     centers = np.asarray(centers, dtype=np.float64)
     k = centers.shape[0]
-    losses: list[float] = []
-    for n_iter in range(max_iter + 1):
+    losses: list[float] = list(loss_history or [])
+    for n_iter in range(start_iter, max_iter + 1):
         start = time.perf_counter()
         labels_parts, stats = lloyd_pass(client, data, centers, k)
         losses.append(stats.inertia / data.n_samples)
@@ -193,6 +216,8 @@ def lloyd(
         if shift < tol or n_iter == max_iter:
             break
         centers = new_centers
+        if on_update is not None:
+            on_update(n_iter + 1, centers, losses)
     labels = np.concatenate(client.gather(labels_parts)).astype(np.int64)
     return LloydResult(centers, labels, stats.inertia, n_iter, losses)
 
