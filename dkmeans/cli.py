@@ -155,7 +155,8 @@ def run(client, opts) -> dict:
     )
     from .engine import _fits_in_memory, placement_message
 
-    click.echo(placement_message(client, X.nbytes, _fits_in_memory(client, X.nbytes)).capitalize())
+    placement = placement_message(client, X.nbytes, _fits_in_memory(client, X.nbytes))
+    click.echo(placement[0].upper() + placement[1:])
     click.echo(f"Fitting k={opts['k']} init={opts['init']} n_init={opts['n_init']} seed={opts['seed']}")
     if opts["resume"]:
         click.echo(f"Resuming from checkpoint {opts['checkpoint']}")
@@ -201,14 +202,15 @@ def run(client, opts) -> dict:
         "test_accuracy": test_acc,
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
-        "median_seconds_per_iteration": float(np.median(pass_seconds)),
+        "median_seconds_per_iteration": float(np.median(pass_seconds)) if pass_seconds else None,
         "data_persisted": bool(model.data_persisted_),
         "data_placement": "persisted" if model.data_persisted_ else "streamed",
         "data_bytes": int(X.nbytes),
     }
+    per_pass = f"{metrics['median_seconds_per_iteration']:.3f} s per pass, median" if pass_seconds else "no pass run"
     click.echo(
-        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({metrics['median_seconds_per_iteration']:.3f} s "
-        f"per pass, median), inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
+        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({per_pass}), "
+        f"inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
     )
     click.echo(f"Train accuracy: {train_acc:.4f}")
     click.echo(f"Test accuracy:  {test_acc:.4f}")

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import dask
 import dask.array as da
 import numpy as np
 from dask import delayed
@@ -58,7 +59,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
         persisted = _fits_in_memory(client, X.nbytes)
-        log.info(placement_message(client, X.nbytes, persisted))
+        log.debug(placement_message(client, X.nbytes, persisted))
         keep = client.persist(X) if persisted else X
         blocks = list(keep.to_delayed().ravel())
         sizes = X.chunks[0]
@@ -130,8 +131,18 @@ def tree_reduce(parts: list, combine, *args, name: str):
 
 
 def broadcast(client: Client, array: np.ndarray) -> Future:
-    """Send an array to every worker once; tasks then refer to it by key instead of embedding it."""
-    return client.scatter(array, broadcast=True, hash=False)
+    """Send an array to the cluster once; tasks then refer to it by key instead of embedding it.
+
+    It is a task that returns the array (not scattered data), so that when a
+    worker holding it dies the scheduler can recreate it: scattered data has
+    no recipe, and the active memory manager keeps only one replica of it.
+    """
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GB"}):
+        return client.submit(_constant, array, key=_tag("broadcast"), pure=False)
+
+
+def _constant(array):
+    return array
 
 
 def fetch_rows(client: Client, data: ChunkedData, indices) -> np.ndarray:
