@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ __all__ = ["ExpandedStore", "expand_mnist", "default_expanded_path", "open_expan
 
 KIND = "mnist-expanded"
 FORMAT_VERSION = 1
-_TMP_PREFIX = ".mnist-expanded.tmp-"
+_TMP_PREFIX = f".mnist-expanded.tmp-{socket.gethostname()}-"
 # Simard et al.'s settings for MNIST.
 ELASTIC_ALPHA = 34.0
 ELASTIC_SIGMA = 4.0
@@ -178,6 +179,7 @@ def expand_mnist(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(dest.parent, _TMP_PREFIX)
+    _remove_dead_builds(dest.parent)
     tmp = _fresh_dir(dest.parent, _TMP_PREFIX)
     log.info("writing %d x %d images (%.2f GB) to %s", n_rows, d, n_rows * d / 1e9, dest)
     try:
@@ -234,18 +236,34 @@ def deform(images: np.ndarray, rng: np.random.Generator, which: np.ndarray, max_
     if idx.size == 0:
         return out
     n, (h, w) = idx.size, images.shape[1:]
-    shift = rng.uniform(-max_shift, max_shift, size=(n, 2, 1, 1)).astype(np.float32)
+    shift = rng.uniform(-max_shift, max_shift, size=(n, 2)).astype(np.float32)
+    if not elastic:
+        # A translation is separable: resample the rows, then the columns, each a (28 x 28) tent matrix.
+        out[idx] = _to_uint8(
+            _shift_matrix(h, shift[:, 0])
+            @ images[idx].astype(np.float32)
+            @ _shift_matrix(w, shift[:, 1]).transpose(0, 2, 1)
+        )
+        return out
     grid_y, grid_x = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
-    y = grid_y[None] - shift[:, 0]
-    x = grid_x[None] - shift[:, 1]
-    if elastic:
-        fields = rng.uniform(-1, 1, size=(n, 2, h, w)).astype(np.float32)
-        gy, gx = _gaussian_matrix(h, ELASTIC_SIGMA), _gaussian_matrix(w, ELASTIC_SIGMA)
-        smooth = np.einsum("ij,nzjk,lk->nzil", gy, fields, gx, optimize=True) * ELASTIC_ALPHA
-        y = y + smooth[:, 0]
-        x = x + smooth[:, 1]
-    out[idx] = _bilinear(images[idx].astype(np.float32), y, x)
+    fields = rng.uniform(-1, 1, size=(n, 2, h, w)).astype(np.float32)
+    gy, gx = _gaussian_matrix(h, ELASTIC_SIGMA), _gaussian_matrix(w, ELASTIC_SIGMA)
+    smooth = np.einsum("ij,nzjk,lk->nzil", gy, fields, gx, optimize=True) * ELASTIC_ALPHA
+    y = grid_y[None] - shift[:, 0, None, None] + smooth[:, 0]
+    x = grid_x[None] - shift[:, 1, None, None] + smooth[:, 1]
+    out[idx] = _to_uint8(_bilinear(images[idx].astype(np.float32), y, x))
     return out
+
+
+def _shift_matrix(size: int, shift: np.ndarray) -> np.ndarray:
+    """(n, size, size) linear-interpolation matrices: output pixel i takes source position i - shift."""
+    i = np.arange(size, dtype=np.float32)
+    source = i[None, :, None] - shift[:, None, None]
+    return np.maximum(0.0, 1.0 - np.abs(i[None, None, :] - source))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
@@ -272,8 +290,7 @@ def _bilinear(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
     top = at(y0, x0) * (1 - fx) + at(y0, x1) * fx
     bottom = at(y1, x0) * (1 - fx) + at(y1, x1) * fx
-    value = top * (1 - fy) + bottom * fy
-    return np.clip(np.rint(value), 0, 255).astype(np.uint8)
+    return top * (1 - fy) + bottom * fy
 
 
 def _save_chunk(path: Path, block: np.ndarray) -> dict[str, Any]:
@@ -290,6 +307,25 @@ def _save_chunk(path: Path, block: np.ndarray) -> dict[str, Any]:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _remove_dead_builds(parent: Path) -> None:
+    """Temporary folders of builds on this host whose process is gone (killed mid-build)."""
+    for path in parent.glob(_TMP_PREFIX + "*"):
+        pid = path.name[len(_TMP_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, a build interrupted by the end of process %s", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
