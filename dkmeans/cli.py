@@ -251,11 +251,12 @@ def _with_notes(exc: BaseException) -> str:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
-    from asyncio import CancelledError
-
+    from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
 
-    return isinstance(exc, (CancelledError, CommClosedError, OSError, TimeoutError))
+    if isinstance(exc, FutureCancelledError):
+        return exc.reason == "scheduler-connection-lost"
+    return isinstance(exc, (CommClosedError, OSError, TimeoutError))
 
 
 def _write_outputs(out: Path, model, mapping, metrics) -> None:
@@ -306,6 +307,9 @@ def _client(opts):
             raise click.ClickException(
                 f"Could not connect to the Dask scheduler at {address} within {opts['connect_timeout']:g} s: {exc}"
             ) from exc
+        # The client logs every failed reconnection with a traceback; a lost scheduler is reported once, below.
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
         with client:
             try:
                 client.wait_for_workers(1, timeout=opts["connect_timeout"])

@@ -210,7 +210,9 @@ def test_killed_client_process_resumes_to_the_same_result(tmp_path, mnist_dir, c
     assert killed_after < 12, "the fit finished before it could be killed"
 
     out = tmp_path / "out"
-    resumed = subprocess.run([*args, "--resume", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*args, "--resume", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"Resuming from checkpoint {ckpt}" in resumed.stdout
     metrics = json.loads((out / "metrics.json").read_text())
