@@ -187,6 +187,9 @@ def numpy_lloyd(X, init, n_iter):
 X_dtype = np.float64  # set per example, read by numpy_lloyd's rounding slack
 
 
+# The shared cluster's client threads use the `random` module (reconnection jitter) while Hypothesis
+# draws an example, which it reports as a strategy using `random`; the strategies here do not.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 @ESTIMATOR_SETTINGS
 @given(
     data=datasets(max_rows=20, max_features=4),
