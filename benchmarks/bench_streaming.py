@@ -110,7 +110,9 @@ def main() -> None:
         spilled = client.run(_spilled)
         logs = client.get_worker_logs()
         paused = sum("Pausing worker" in msg for lines in logs.values() for _, msg in lines)
-        spill_logs = sum("spill" in msg.lower() for lines in logs.values() for _, msg in lines)
+        spill_logs = [
+            msg for lines in logs.values() for _, msg in lines if "spill" in msg.lower() and "out-of-band" not in msg
+        ]
         restarted = client.run(os.getpid) != pids
 
     print(f"chosen placement: {'persisted' if model.data_persisted_ else 'streamed from disk every iteration'}")
@@ -120,9 +122,11 @@ def main() -> None:
     for addr, peak in peaks.items():
         print(f"worker {addr}: peak RSS {peak / 1e6:.0f} MB of {limit / 1e6:.0f} MB limit ({peak / limit:.0%})")
     print(
-        f"spilled bytes: {sum(spilled.values())}, spill log lines: {spill_logs}, pause events: {paused}, "
+        f"spilled bytes: {sum(spilled.values())}, log lines about spilling: {len(spill_logs)}, pause events: {paused}, "
         f"workers restarted: {restarted}"
     )
+    for line in spill_logs[:4]:
+        print("   ", line.splitlines()[0][:200])
     print(f"streaming / raw read: {streaming / raw_read:.2f}x (target <= 1.5x)")
     print(f"streaming / in memory: {streaming / in_memory:.2f}x")
     ok = not model.data_persisted_ and max(peaks.values()) < limit and not any(spilled.values()) and not paused

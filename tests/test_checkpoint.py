@@ -237,3 +237,18 @@ def _saved_updates(path: Path):
             return json.loads(str(z["meta"]))["n_iter"]
     except (OSError, ValueError, KeyError, EOFError):
         return None
+
+
+def test_cli_resume_errors_are_clear(tmp_path, mnist_dir, cache_dir):
+    base = [str(BIN / "dkmeans"), "fit", "--cache-dir", str(cache_dir), "--data-dir", str(mnist_dir)]
+    proc = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--resume needs --checkpoint PATH" in proc.stderr, proc.stderr
+    missing = tmp_path / "missing.ckpt"
+    proc = subprocess.run(
+        [*base, "--checkpoint", str(missing), "--resume", "--workers", "1", "--dashboard-address", ":0",
+         "--train-per-digit", "10", "--test-size", "10"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"Error: No checkpoint to resume from at {missing}" in proc.stderr
+    assert "Traceback" not in proc.stderr
