@@ -119,10 +119,28 @@ seed_option = click.option(
     default=None,
     help="Write metrics.json, model.npz, loss.png, centroids.png and confusion.png here.",
 )
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Fit on the training images of an expanded store (`dkmeans data expand`), in its own chunks, "
+    "instead of MNIST's 60,000; the test set stays MNIST's.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Save the fit's state to this file after every iteration (atomically).",
+)
+@click.option("--resume", is_flag=True, help="Continue the fit saved in --checkpoint.")
 @cluster_options
 def fit(**opts):
     """Fit K-means on MNIST, report J_clust per iteration and train/test accuracy."""
     out_dir = opts["out_dir"]
+    if opts["resume"] and opts["checkpoint"] is None:
+        raise click.UsageError("--resume needs --checkpoint PATH")
+    if opts["store"] is not None and opts["train_per_digit"] is not None:
+        raise click.UsageError("--store and --train-per-digit cannot be combined")
     if out_dir is not None:
         _check_writable(out_dir)
     with _client(opts) as client:
@@ -137,10 +155,27 @@ def run(client, opts) -> dict:
 
     started = time.perf_counter()
     data = _load(opts)
-    _check_ks([opts["k"]], data, "--k")
     X, y = data.train_images, data.train_labels
+    if opts["store"] is not None:
+        from .data.expand import open_expanded
+
+        try:
+            store = open_expanded(opts["store"])
+            X, y = store.images(), store.labels()
+        except (ValueError, OSError) as exc:
+            raise click.ClickException(f"--store: {exc}") from exc
+        click.echo(
+            f"Expanded store {store.path}: {store.nbytes / 1e9:.2f} GB, factor {store.manifest['settings']['factor']}"
+        )
+    _check_ks([opts["k"]], X.shape[0], "--k")
     _describe(client, X)
+    from .engine import _fits_in_memory, placement_message
+
+    placement = placement_message(client, X.nbytes, _fits_in_memory(client, X.nbytes))
+    click.echo(placement[0].upper() + placement[1:])
     click.echo(f"Fitting k={opts['k']} init={opts['init']} n_init={opts['n_init']} seed={opts['seed']}")
+    if opts["resume"]:
+        click.echo(f"Resuming from checkpoint {opts['checkpoint']}")
     click.echo(f"{'iter':>5} {'J_clust':>14} {'shift':>12} {'seconds':>8}")
 
     pass_seconds: list[float] = []
@@ -158,9 +193,11 @@ def run(client, opts) -> dict:
         random_state=opts["seed"],
         client=client,
         callback=progress,
+        checkpoint=opts["checkpoint"],
+        resume=opts["resume"],
     )
     fit_start = time.perf_counter()
-    model.fit(X)
+    _fit_with_clear_errors(model, X, client)
     fit_seconds = time.perf_counter() - fit_start
     train_clusters = np.asarray(model.labels_)
     mapping = centroid_labels(train_clusters, y, opts["k"])
@@ -185,16 +222,25 @@ def run(client, opts) -> dict:
         "confusion_matrix_axes": "rows: true digit, columns: predicted digit (majority label of the cluster)",
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
-        "median_seconds_per_iteration": float(np.median(pass_seconds)),
+        "median_seconds_per_iteration": float(np.median(pass_seconds)) if pass_seconds else None,
         "data_persisted": bool(model.data_persisted_),
+        "data_placement": "persisted" if model.data_persisted_ else "streamed",
+        "data_bytes": int(X.nbytes),
     }
+    per_pass = f"{metrics['median_seconds_per_iteration']:.3f} s per pass, median" if pass_seconds else "no pass run"
     click.echo(
-        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({metrics['median_seconds_per_iteration']:.3f} s "
-        f"per pass, median), inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
+        f"Done: {model.n_iter_} iterations in {fit_seconds:.2f} s ({per_pass}), "
+        f"inertia {model.inertia_:.6g}, J_clust {metrics['J_clust']:.2f}"
     )
     _echo_scores(scores)
     if opts["out_dir"] is not None:
-        _write_outputs(Path(opts["out_dir"]), model, mapping, metrics)
+        try:
+            _write_outputs(Path(opts["out_dir"]), model, mapping, metrics)
+        except OSError as exc:
+            raise click.ClickException(
+                f"Could not write the results to {opts['out_dir']}: {exc.strerror or exc} "
+                "(each file is written whole or not at all: none is left half-written)"
+            ) from exc
         click.echo(f"Wrote metrics.json, model.npz, loss.png, centroids.png, confusion.png to {opts['out_dir']}")
     return metrics
 
@@ -256,7 +302,7 @@ def elbow(**opts):
         click.echo(f"Dask dashboard: {client.dashboard_link}")
         started = time.perf_counter()
         data = _load(opts)
-        _check_ks(opts["ks"], data, "--k")
+        _check_ks(opts["ks"], data.train_images.shape[0], "--k")
         X = data.train_images
         _describe(client, X)
         n_models = len(opts["ks"]) * len(opts["inits"])
@@ -460,8 +506,7 @@ def _load(opts, **overrides):
         raise click.ClickException(f"MNIST data: {exc}") from exc
 
 
-def _check_ks(ks, data, hint: str) -> None:
-    n = data.train_images.shape[0]
+def _check_ks(ks, n: int, hint: str) -> None:
     if max(ks) > n:
         raise click.BadParameter(f"{max(ks)} clusters but only {n} training images", param_hint=hint)
 
@@ -497,6 +542,39 @@ def _echo_scores(scores: dict) -> None:
             f"Unlabelled (in a cluster without training rows): {scores['train']['unlabelled']} train, "
             f"{scores['test']['unlabelled']} test"
         )
+
+
+def _fit_with_clear_errors(model, X, client) -> None:
+    """Fit; turn a lost scheduler, a corrupted chunk or a refused checkpoint into one clear message."""
+    from .checkpoint import CheckpointError
+    from .data.store import StoreError
+
+    try:
+        model.fit(X)
+    except (CheckpointError, StoreError) as exc:
+        raise click.ClickException(_with_notes(exc)) from exc
+    except Exception as exc:
+        if client.status not in ("running", "connecting") or _is_connection_error(exc):
+            raise click.ClickException(
+                f"Lost the connection to the Dask scheduler during the fit ({type(exc).__name__}: {exc}). "
+                + (" ".join(getattr(exc, "__notes__", [])) or "No checkpoint was saved (use --checkpoint PATH).")
+            ) from exc
+        if getattr(exc, "__notes__", None):
+            raise click.ClickException(_with_notes(exc)) from exc
+        raise
+
+
+def _with_notes(exc: BaseException) -> str:
+    return " ".join([str(exc), *getattr(exc, "__notes__", [])])
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, FutureCancelledError):
+        return exc.reason == "scheduler-connection-lost"
+    return isinstance(exc, (CommClosedError, OSError, TimeoutError))
 
 
 def _write_outputs(out: Path, model, mapping, metrics) -> None:
@@ -552,6 +630,9 @@ def _client(opts):
             raise click.ClickException(
                 f"Could not connect to the Dask scheduler at {address} within {opts['connect_timeout']:g} s: {exc}"
             ) from exc
+        # The client logs every failed reconnection with a traceback; a lost scheduler is reported once, below.
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
         with client:
             try:
                 client.wait_for_workers(1, timeout=opts["connect_timeout"])
@@ -572,6 +653,56 @@ def _client(opts):
         Client(cluster) as client,
     ):
         yield client
+
+
+@main.group()
+def data():
+    """Build datasets in the chunked on-disk store."""
+
+
+@data.command()
+@click.option("--factor", type=click.IntRange(min=1), required=True, help="Copies of each training digit (1 = MNIST).")
+@click.option("--elastic", is_flag=True, help="Also deform the copies elastically (Simard et al. 2003).")
+@click.option("--max-shift", type=click.FloatRange(min=0), default=2.0, help="Largest translation, in pixels.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Random seed of the deformations.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=6000, help="Rows per chunk file.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Store folder [default: a folder named after the settings in the cache].",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="As for fit.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="As for fit.")
+def expand(factor, elastic, max_shift, seed, chunk_rows, out, data_dir, cache_dir):
+    """Expand MNIST's training set by shifted (and deformed) copies, chunk by chunk, into a store on disk."""
+    from .data.expand import expand_mnist
+    from .data.store import StoreError
+
+    total = factor * 60000
+    with click.progressbar(length=total, label=f"Writing {total:,} images", file=sys.stderr) as bar:
+        done = [0]
+
+        def progress(rows, _total):
+            bar.update(rows - done[0])
+            done[0] = rows
+
+        try:
+            store = expand_mnist(
+                factor,
+                out=out,
+                data_dir=data_dir,
+                cache_dir=cache_dir,
+                seed=seed,
+                elastic=elastic,
+                max_shift=max_shift,
+                chunk_rows=chunk_rows,
+                progress=progress,
+            )
+        except (StoreError, OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"Expanded store: {store.path} ({store.n_rows:,} images, {store.nbytes / 1e9:.2f} GB)")
+    click.echo(f"Fit on it with: dkmeans fit --store {store.path}")
 
 
 if __name__ == "__main__":

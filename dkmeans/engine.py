@@ -8,12 +8,14 @@ result that the client turns into new centres.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import dask
 import dask.array as da
 import numpy as np
 from dask import delayed
@@ -28,6 +30,8 @@ PERSIST_MEMORY_FRACTION = 0.5
 # k-means|| settings (Bahmani et al. 2012): 5 rounds of oversampling ~2k rows each.
 PARALLEL_ROUNDS = 5
 OVERSAMPLING = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +59,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
         persisted = _fits_in_memory(client, X.nbytes)
+        log.debug(placement_message(client, X.nbytes, persisted))
         keep = client.persist(X) if persisted else X
         blocks = list(keep.to_delayed().ravel())
         sizes = X.chunks[0]
@@ -81,6 +86,16 @@ def _fits_in_memory(client: Client, nbytes: int) -> bool:
     if any(limit == 0 for limit in limits):  # no limit set
         return True
     return nbytes <= PERSIST_MEMORY_FRACTION * sum(limits)
+
+
+def placement_message(client: Client, nbytes: int, persisted: bool) -> str:
+    """One line saying whether the data is kept in worker memory or streamed, and why."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    total = sum(limits) if limits and all(limits) else None
+    budget = "no worker memory limit" if total is None else f"{PERSIST_MEMORY_FRACTION:.0%} of {total / 1e6:,.0f} MB"
+    if persisted:
+        return f"data: persisted in worker memory ({nbytes / 1e6:,.1f} MB fits in {budget})"
+    return f"data: streamed from storage every iteration ({nbytes / 1e6:,.1f} MB exceeds {budget})"
 
 
 # --- map and reduce helpers -----------------------------------------------------
@@ -116,8 +131,18 @@ def tree_reduce(parts: list, combine, *args, name: str):
 
 
 def broadcast(client: Client, array: np.ndarray) -> Future:
-    """Send an array to every worker once; tasks then refer to it by key instead of embedding it."""
-    return client.scatter(array, broadcast=True, hash=False)
+    """Send an array to the cluster once; tasks then refer to it by key instead of embedding it.
+
+    It is a task that returns the array (not scattered data), so that when a
+    worker holding it dies the scheduler can recreate it: scattered data has
+    no recipe, and the active memory manager keeps only one replica of it.
+    """
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GB"}):
+        return client.submit(_constant, array, key=_tag("broadcast"), pure=False)
+
+
+def _constant(array):
+    return array
 
 
 def fetch_rows(client: Client, data: ChunkedData, indices) -> np.ndarray:
@@ -167,6 +192,7 @@ class Iteration:
     seconds: float  # wall time of the pass (shared by all models in it)
     centers: np.ndarray  # the updated centres
     continues: bool  # the fit goes on from them (a resumable state); False on its last pass
+    loss_history: list  # J_clust of every pass so far, this one included
 
 
 @dataclass(eq=False)
@@ -189,6 +215,7 @@ def lloyd(
     *,
     start_iter: int = 0,
     loss_history: list[float] | None = None,
+    on_update: Callable | None = None,
 ) -> LloydResult:
     """Lloyd iterations, one pass over the data each, until every centre moves less than tol.
 
@@ -199,12 +226,20 @@ def lloyd(
     scikit-learn, ``n_iter`` counts updates, and an update that changes
     nothing (a fixed point) is counted. ``callback`` receives an Iteration.
 
-    Resuming: ``centers`` after ``start_iter`` updates, with the
-    ``loss_history`` of the passes before them, continue a run exactly where
-    it stopped.
+    Resuming (checkpoints): ``centers`` after ``start_iter`` updates and the
+    ``loss_history`` of the passes before them continue a run exactly where it
+    stopped. ``on_update(n_updates, centers, losses)`` is called whenever the
+    loop goes on with new centres, i.e. with precisely that resumable state.
     """
+
+    def report(it: Iteration) -> None:
+        if callback is not None:
+            callback(it)
+        if on_update is not None and it.continues:
+            on_update(it.n_iter + 1, it.centers, it.loss_history)
+
     start = [(start_iter, loss_history or [])]
-    return lloyd_many(client, data, [centers], [max_iter], [tol], callback, start=start)[0]
+    return lloyd_many(client, data, [centers], [max_iter], [tol], report, start=start)[0]
 
 
 def lloyd_many(
@@ -245,7 +280,8 @@ def lloyd_many(
             elif shift < run.tol or run.n_iter >= run.max_iter:
                 done_iter = run.n_iter
             if callback is not None:
-                callback(Iteration(index, run.n_iter, run.losses[-1], shift, seconds, new_centers, done_iter is None))
+                loss, goes_on = run.losses[-1], done_iter is None
+                callback(Iteration(index, run.n_iter, loss, shift, seconds, new_centers, goes_on, run.losses))
             if done_iter is None:
                 run.centers = new_centers
                 run.n_iter += 1

@@ -12,7 +12,8 @@ import numpy as np
 from distributed import Client, LocalCluster, get_client
 
 from . import kernels
-from .engine import chunk_data, lloyd_many
+from .checkpoint import BestRun, Checkpoint, CheckpointError, FitState, data_fingerprint
+from .engine import LloydResult, chunk_data, lloyd, lloyd_many, lloyd_pass
 from .seeding import INIT_NAMES, init_centers
 
 
@@ -25,6 +26,11 @@ class KMeans:
     ``distributed.Client``; by default the current one is used, or a temporary
     in-process cluster when there is none. ``callback(iteration, j_clust,
     shift, seconds)`` is called after every iteration.
+
+    ``checkpoint`` (a file path) saves the fit's state after every update,
+    atomically; with ``resume=True`` the fit continues from that file and
+    reaches the same result as an uninterrupted run. A checkpoint of other
+    parameters or other data is refused (CheckpointError).
 
     Attributes: ``cluster_centers_``, ``labels_`` (nearest centre of every
     training row), ``inertia_`` (sum of squared distances to those centres),
@@ -45,6 +51,8 @@ class KMeans:
         chunk_rows: int | None = None,
         client: Client | None = None,
         callback=None,
+        checkpoint=None,
+        resume: bool = False,
     ):
         self.n_clusters = n_clusters
         self.init = init
@@ -55,6 +63,8 @@ class KMeans:
         self.chunk_rows = chunk_rows
         self.client = client
         self.callback = callback
+        self.checkpoint = checkpoint
+        self.resume = resume
 
     # -- scikit-learn plumbing -----------------------------------------------------
 
@@ -77,7 +87,106 @@ class KMeans:
     # -- fitting -------------------------------------------------------------------
 
     def fit(self, X, y=None):
-        return fit_many([self], X)[0]
+        if self.checkpoint is None:
+            if self.resume:
+                raise ValueError("resume=True needs a checkpoint path")
+            return fit_many([self], X)[0]
+        return self._fit_with_checkpoint(X)
+
+    def _fit_with_checkpoint(self, X):
+        """The restarts one after another, each update saved, so a fit can resume where it stopped."""
+        X = _check_data(X)
+        init = self._check_params(X.shape)
+        n_init = 1 if not isinstance(init, str) else self.n_init
+        ckpt, state = self._open_checkpoint(X, init)
+        if ckpt is not None and self.random_state is None:
+            # Resumable restarts need reproducible seeds: draw the entropy once and keep it in the checkpoint.
+            entropy = state.seed_entropy if state is not None else np.random.SeedSequence().entropy
+            seeds = np.random.SeedSequence(entropy).spawn(n_init)
+        else:
+            entropy = None
+            seeds = _restart_seeds(self.random_state, n_init)
+        with _client(self.client) as client:
+            data = chunk_data(client, X, self.chunk_rows)
+            try:
+                best = self._fit_restarts(client, data, init, seeds, ckpt, state, entropy)
+            except Exception as exc:
+                if ckpt is not None and ckpt.last is not None:
+                    exc.add_note(
+                        f"The last checkpoint ({ckpt.last.describe(n_init)}) is at {ckpt.path}; "
+                        "fit again with resume=True (dkmeans fit --resume) to continue from it."
+                    )
+                raise
+            self.data_persisted_ = data.persisted
+            del data
+        self.cluster_centers_ = best.centers
+        self.labels_ = best.labels
+        self.inertia_ = best.inertia
+        self.n_iter_ = best.n_iter
+        self.loss_history_ = best.loss_history
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _fit_restarts(self, client, data, init, seeds, ckpt, state, entropy) -> LloydResult:
+        """Run (or finish) every restart and keep the lowest inertia, checkpointing after each update."""
+        best = None
+        if state is not None and state.best is not None:
+            b = state.best
+            best = LloydResult(b.centers, None, b.inertia, b.n_iter, b.loss_history)
+        best_restart = None if state is None or state.best is None else state.best.restart
+
+        def save(restart, n_iter, centers, losses):
+            if ckpt is not None:
+                kept = (
+                    None
+                    if best is None
+                    else BestRun(best_restart, best.centers, best.inertia, best.n_iter, best.loss_history)
+                )
+                ckpt.save(FitState(restart, n_iter, centers, list(losses), entropy, kept))
+
+        first = 0 if state is None else state.restart
+        for restart in range(first, len(seeds)):
+            if state is not None and restart == state.restart and state.centers is not None:
+                centers, start, losses = state.centers, state.n_iter, state.loss_history
+            else:
+                rng = np.random.default_rng(seeds[restart])
+                centers = init if not isinstance(init, str) else init_centers(client, data, self.n_clusters, init, rng)
+                start, losses = 0, []
+                save(restart, 0, centers, losses)
+            result = lloyd(
+                client,
+                data,
+                centers,
+                self.max_iter,
+                self.tol,
+                _forward_progress([self], [0]),
+                start_iter=start,
+                loss_history=losses,
+                on_update=lambda n, c, lo, r=restart: save(r, n, c, lo),
+            )
+            if best is None or result.inertia < best.inertia:
+                best, best_restart = result, restart
+            save(restart + 1, 0, None, [])
+        if best.labels is None:
+            # The best restart finished before a resume: its labels are one pass over its centres away.
+            labels_parts, _ = lloyd_pass(client, data, [best.centers])
+            best.labels = np.concatenate([part[0] for part in client.gather(labels_parts)]).astype(np.int64)
+        return best
+
+    def _open_checkpoint(self, X, init):
+        """The Checkpoint of this fit and, when resuming, its saved state."""
+        if self.random_state is not None and not isinstance(self.random_state, numbers.Integral):
+            raise ValueError("checkpoints need random_state to be None or an int, so restarts can be reproduced")
+        params = {
+            name: getattr(self, name)
+            for name in ("n_clusters", "n_init", "max_iter", "tol", "random_state", "chunk_rows")
+        }
+        params["init"] = init
+        ckpt = Checkpoint(self.checkpoint, params, data_fingerprint(X))
+        state = ckpt.load() if self.resume else None
+        if state is not None and state.restart > (1 if not isinstance(init, str) else self.n_init):
+            raise CheckpointError(f"Checkpoint {ckpt.path} is inconsistent: restart {state.restart}")
+        return ckpt, state
 
     def fit_predict(self, X, y=None):
         return self.fit(X).labels_
@@ -161,6 +270,8 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
     models = list(models)
     if not models:
         raise ValueError("fit_many needs at least one model")
+    if any(model.checkpoint is not None or model.resume for model in models):
+        raise ValueError("fit_many does not checkpoint; fit a model with a checkpoint on its own")
     X = _check_data(X)
     inits = [model._check_params(X.shape) for model in models]
     chunk_rows = {model.chunk_rows for model in models}

@@ -72,13 +72,13 @@ def test_streamed_data_is_read_once_per_iteration(counted, threads_client, monke
 
 def test_centres_are_broadcast_once_per_pass_not_embedded(counted, threads_client, monkeypatch):
     X, arr = counted
-    scatters = []
+    sent = []
     graphs = []
-    real_scatter, real_compute = threads_client.scatter, threads_client.compute
+    real_submit, real_compute = threads_client.submit, threads_client.compute
 
-    def scatter(data, *args, **kwargs):
-        scatters.append((np.shape(data), kwargs.get("broadcast")))
-        return real_scatter(data, *args, **kwargs)
+    def submit(func, *args, **kwargs):
+        sent.append((func, [np.shape(a) for a in args]))
+        return real_submit(func, *args, **kwargs)
 
     def compute(collections_, *args, **kwargs):
         graphs.append(
@@ -86,13 +86,14 @@ def test_centres_are_broadcast_once_per_pass_not_embedded(counted, threads_clien
         )
         return real_compute(collections_, *args, **kwargs)
 
-    monkeypatch.setattr(threads_client, "scatter", scatter)
+    monkeypatch.setattr(threads_client, "submit", submit)
     monkeypatch.setattr(threads_client, "compute", compute)
     k = 64
     km = KMeans(k, init=_init(X, k), max_iter=3, tol=0, client=threads_client).fit(arr)
-    centre_scatters = [s for s in scatters if s[0] == (k, 784)]
-    assert len(centre_scatters) == km.n_iter_ + 1
-    assert all(broadcast for _, broadcast in centre_scatters)
+    # one task per pass carries the centres (a recomputable task, so a lost worker does not lose them)
+    centre_sends = [func for func, shapes in sent if shapes == [(k, 784)]]
+    assert len(centre_sends) == km.n_iter_ + 1
+    assert all(func is engine._constant for func in centre_sends)
     centres_bytes = k * 784 * 8
     for graph in filter(None, graphs):
         # 8 chunk tasks plus reductions: were the centres embedded, each task would carry 400 kB
