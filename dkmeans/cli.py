@@ -87,6 +87,22 @@ def _show_progress_logs() -> None:
 @click.option(
     "--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, help="Seconds to wait for --scheduler."
 )
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificate of a TLS cluster (with --tls-cert, --tls-key and a tls:// --scheduler).",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client private key.")
+@click.option(
+    "--store",
+    "store_url",
+    default=None,
+    metavar="URL",
+    help="Chunked store location every worker can read: a folder or an fsspec URL (file://, s3://, gs://...) "
+    "[default: the store folder in the cache].",
+)
 def fit(**opts):
     """Fit K-means on MNIST, report J_clust per iteration and train/test accuracy."""
     out_dir = opts["out_dir"]
@@ -113,6 +129,7 @@ def run(client, opts) -> dict:
             train_per_digit=opts["train_per_digit"],
             test_size=opts["test_size"],
             seed=opts["seed"],
+            store=opts.get("store_url"),
         )
     except (ValueError, OSError) as exc:  # bad files, failed downloads, impossible subsample sizes
         raise click.ClickException(f"MNIST data: {exc}") from exc
@@ -224,22 +241,17 @@ def _client(opts):
 
     address = opts["scheduler"]
     if address:
+        from .cluster import ClusterError, remote_client, tls_security
+
         try:
-            client = Client(address, timeout=opts["connect_timeout"])
-        except (OSError, TimeoutError) as exc:
-            raise click.ClickException(
-                f"Could not connect to the Dask scheduler at {address} within {opts['connect_timeout']:g} s: {exc}"
-            ) from exc
-        with client:
-            try:
-                client.wait_for_workers(1, timeout=opts["connect_timeout"])
-            except TimeoutError as exc:
-                raise click.ClickException(
-                    f"The Dask scheduler at {address} has no workers (waited {opts['connect_timeout']:g} s); "
-                    f"start some with: dask worker {address}"
-                ) from exc
-            yield client
+            security = tls_security(opts.get("tls_ca_file"), opts.get("tls_cert"), opts.get("tls_key"))
+            with remote_client(address, opts["connect_timeout"], security) as client:
+                yield client
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from exc
         return
+    if any(opts.get(name) for name in ("tls_ca_file", "tls_cert", "tls_key")):
+        raise click.UsageError("--tls-ca-file, --tls-cert and --tls-key are for a remote --scheduler")
     with (
         LocalCluster(
             n_workers=opts["workers"],

@@ -87,7 +87,9 @@ def _fits_in_memory(client: Client, nbytes: int) -> bool:
 
 
 def _tag(name: str) -> str:
-    return f"dkmeans-{name}-{uuid.uuid4().hex[:12]}"
+    # The dashboard names tasks by key_split, which drops the hex suffix only if it holds a digit;
+    # 32 hex characters make an all-letter suffix (shown as part of the name) practically impossible.
+    return f"dkmeans-{name}-{uuid.uuid4().hex}"
 
 
 def map_chunks(data: ChunkedData, func, *args, name: str, nout: int | None = None, per_chunk=None, **kwargs):

@@ -9,7 +9,7 @@ import numbers
 
 import dask.array as da
 import numpy as np
-from distributed import Client, LocalCluster, get_client
+from distributed import Client, LocalCluster, get_client, span
 
 from . import kernels
 from .engine import chunk_data, lloyd
@@ -80,7 +80,8 @@ class KMeans:
         X = _check_data(X)
         init = self._check_params(X.shape)
         seeds = _restart_seeds(self.random_state, 1 if not isinstance(init, str) else self.n_init)
-        with _client(self.client) as client:
+        # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
+        with _client(self.client) as client, span("dkmeans-fit") as self.span_id_:
             data = chunk_data(client, X, self.chunk_rows)
             best = None
             for seed in seeds:

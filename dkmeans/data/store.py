@@ -23,7 +23,16 @@ import numpy as np
 
 from .idx import read_idx
 
-__all__ = ["STORE_NAME", "NpyRows", "Store", "StoreError", "build_store", "ensure_store", "open_store"]
+__all__ = [
+    "STORE_NAME",
+    "NpyRows",
+    "Store",
+    "StoreError",
+    "build_store",
+    "ensure_store",
+    "ensure_store_at",
+    "open_store",
+]
 
 STORE_NAME = "mnist-store-v1"
 FORMAT_VERSION = 1
@@ -98,7 +107,12 @@ def ensure_store(files: Mapping[str, Path], cache_dir: str | os.PathLike[str], s
     `files` maps logical names to IDX files and `sources` maps the same names
     to their SHA-256; the caller is trusted to have verified them.
     """
-    dest = Path(cache_dir) / STORE_NAME
+    return ensure_store_at(files, Path(cache_dir) / STORE_NAME, sources)
+
+
+def ensure_store_at(files: Mapping[str, Path], dest: str | os.PathLike[str], sources: Mapping[str, str]) -> Store:
+    """Open the store folder `dest`, (re)building it unless it matches `sources`."""
+    dest = Path(dest).expanduser()
     store = open_store(dest, sources)
     if store is None:
         build_store(files, dest, sources)
