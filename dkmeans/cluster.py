@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 
 from distributed import Client, Security
@@ -39,6 +41,14 @@ def tls_security(ca_file=None, cert=None, key=None) -> Security | None:
     return Security(
         tls_ca_file=str(ca_file), tls_client_cert=str(cert), tls_client_key=str(key), require_encryption=True
     )
+
+
+def _scheduler_gone(client: Client, grace: float = 3.0) -> bool:
+    """Whether the client has lost its scheduler; a comm error can reach us a moment before the client notices."""
+    deadline = time.monotonic() + grace
+    while client.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return client.status != "running"
 
 
 def _scheme(address: str) -> str:
@@ -81,8 +91,11 @@ def remote_client(address: str, timeout: float, security: Security | None = None
         try:
             yield client
         except (asyncio.CancelledError, OSError, TimeoutError) as exc:
-            if client.status == "running":
+            if not _scheduler_gone(client):
                 raise
+            # Closing the client cancels its reconnection attempts, which distributed logs with a
+            # traceback; the one-line error below already says what happened.
+            logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
             raise ClusterError(
                 f"Lost the connection to the Dask scheduler at {address} during the fit "
                 f"(the scheduler stopped or the network failed): {exc}"
