@@ -17,6 +17,7 @@ from typing import Callable
 import dask.array as da
 import numpy as np
 from dask import delayed
+from dask.sizeof import sizeof
 from distributed import Client, Future
 
 from . import kernels
@@ -81,6 +82,13 @@ def _fits_in_memory(client: Client, nbytes: int) -> bool:
     if any(limit == 0 for limit in limits):  # no limit set
         return True
     return nbytes <= PERSIST_MEMORY_FRACTION * sum(limits)
+
+
+@sizeof.register(kernels.ChunkStats)
+def _sizeof_chunk_stats(stats: kernels.ChunkStats) -> int:
+    """Dask would guess a dataclass at ~100 bytes; its placement and transfer accounting need the real size."""
+    arrays = (stats.sums, stats.counts, stats.far_d2, stats.far_index, stats.far_label)
+    return 64 + sum(np.asarray(a).nbytes for a in arrays)
 
 
 # --- map and reduce helpers -----------------------------------------------------
