@@ -109,3 +109,19 @@ def test_load_mnist_reads_a_store_url_the_same_as_the_cache(memory_url, mnist_di
         assert a.chunks == b.chunks
         np.testing.assert_array_equal(a.compute(scheduler="synchronous"), b.compute(scheduler="synchronous"))
     np.testing.assert_array_equal(remote.train_labels, local.train_labels)
+
+
+@pytest.mark.parametrize("url", ["nosuch://bucket/store", "s3://bucket/store"])
+def test_unusable_store_url_is_a_clear_error(url, mnist_dir, tmp_path):
+    from dkmeans.data import load_mnist
+    from dkmeans.data.store import StoreError
+
+    if url.startswith("s3://"):
+        try:
+            import s3fs  # noqa: F401
+
+            pytest.skip("s3fs is installed here; this checks the message when it is not")
+        except ImportError:
+            pass
+    with pytest.raises(StoreError, match=f"store {url}: .*(Protocol not known|s3fs)"):
+        load_mnist(data_dir=mnist_dir, cache_dir=tmp_path, store=url)

@@ -149,12 +149,15 @@ def ensure_fs_store(
     commit marker: it is deleted first and written last, and a store without
     a valid manifest is never read.
     """
-    store = open_fs_store(url, sources, storage_options)
+    options = dict(storage_options or {})
+    try:
+        fs, root = url_to_fs(url, **options)
+    except (ImportError, ValueError) as exc:  # unknown protocol, or its package (s3fs, gcsfs...) missing
+        raise StoreError(f"store {url}: {exc}") from exc
+    store = open_fs_store(url, sources, options)
     if store is not None:
         return store
     files = locate_files()
-    options = dict(storage_options or {})
-    fs, root = url_to_fs(url, **options)
     log.info("converting MNIST into the chunked store %s (once)", url)
     fs.makedirs(root, exist_ok=True)
     manifest_path = _join(root, "manifest.json")
