@@ -522,3 +522,35 @@ def test_scheduler_lost_mid_fit_is_a_clear_error_within_bounded_time(tmp_path, c
     assert "Traceback" not in stderr, stderr
     assert elapsed < 45, elapsed  # bounded by --connect-timeout (30 s), not a hang
     assert not out.exists() or not any(p.name in {"metrics.json", "model.npz"} for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tls-cert", "x.crt"], "--tls-ca-file, --tls-cert and --tls-key are for a remote --scheduler"),
+        (
+            [
+                "--scheduler",
+                "tls://127.0.0.1:1",
+                "--tls-ca-file",
+                "/no/ca.crt",
+                "--tls-cert",
+                "/no/c",
+                "--tls-key",
+                "/no/k",
+            ],
+            "--tls-ca-file /no/ca.crt: not a readable file",
+        ),
+        (["--scheduler", "tls://127.0.0.1:1", "--tls-key", "k.pem"], "missing --tls-ca-file, --tls-cert"),
+    ],
+)
+def test_bad_tls_flags_fail_before_connecting(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from dkmeans.cli import main
+
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["fit", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert time.perf_counter() - start < 5
