@@ -166,6 +166,27 @@ class LloydResult:
     loss_history: list[float]
 
 
+@dataclass
+class Iteration:
+    """What a progress callback learns after each Lloyd update of one model."""
+
+    model: int  # index into the models of lloyd_many
+    n_iter: int  # updates before this pass: 0 for the pass over the initial centres
+    loss: float  # J_clust (mean squared distance) of this pass
+    shift: float  # largest centre movement of the update it computed
+    seconds: float  # wall time of the pass (shared by all models in it)
+    centers: np.ndarray  # the updated centres
+
+
+@dataclass(eq=False)
+class _Run:
+    centers: np.ndarray
+    max_iter: int
+    tol: float
+    losses: list = field(default_factory=list)
+    result: LloydResult | None = None
+
+
 def lloyd(
     client: Client,
     data: ChunkedData,
@@ -181,36 +202,83 @@ def lloyd(
     max_iter) keeps its centres, so its labels and inertia are those of the
     returned centres exactly: no separate pass for labels or inertia. As in
     scikit-learn, ``n_iter`` counts updates, and an update that changes
-    nothing (a fixed point) is counted.
+    nothing (a fixed point) is counted. ``callback`` receives an Iteration.
     """
-    centers = np.asarray(centers, dtype=np.float64)
-    k = centers.shape[0]
-    losses: list[float] = []
-    for n_iter in range(max_iter + 1):
+    return lloyd_many(client, data, [centers], [max_iter], [tol], callback)[0]
+
+
+def lloyd_many(
+    client: Client,
+    data: ChunkedData,
+    centers: list[np.ndarray],
+    max_iter: list[int],
+    tol: list[float],
+    callback: Callable | None = None,
+) -> list[LloydResult]:
+    """Several independent Lloyd fits (a sweep over k, or restarts) sharing every pass over the data.
+
+    Each pass reads every chunk once and assigns it against the stacked centres
+    of all models still running; a model that stops drops out of later passes.
+    Each model's result is identical to what ``lloyd`` gives it alone.
+    """
+    runs = [_Run(np.asarray(c, dtype=np.float64), m, t) for c, m, t in zip(centers, max_iter, tol, strict=True)]
+    n_iter = 0
+    while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
         start = time.perf_counter()
-        labels_parts, stats = lloyd_pass(client, data, centers, k)
-        losses.append(stats.inertia / data.n_samples)
-        n_empty = int(np.count_nonzero(stats.counts == 0))
-        far_rows = fetch_rows(client, data, stats.far_index[:n_empty]) if n_empty else None
-        new_centers = kernels.update_centers(stats, centers, far_rows)
-        shift = float(np.sqrt(((new_centers - centers) ** 2).sum(axis=1)).max())
-        if callback is not None:
-            callback(n_iter, losses[-1], shift, time.perf_counter() - start)
-        if shift == 0.0 and n_iter < max_iter:
-            n_iter += 1  # the update was a no-op: count it, as scikit-learn does
-            losses.append(losses[-1])
-            break
-        if shift < tol or n_iter == max_iter:
-            break
-        centers = new_centers
-    labels = np.concatenate(client.gather(labels_parts)).astype(np.int64)
-    return LloydResult(centers, labels, stats.inertia, n_iter, losses)
+        labels_parts, stats = lloyd_pass(client, data, [r.centers for _, r in active])
+        far_rows = _relocation_rows(client, data, stats)
+        seconds = time.perf_counter() - start
+        finished = []
+        for slot, ((index, run), st, rows) in enumerate(zip(active, stats, far_rows)):
+            run.losses.append(st.inertia / data.n_samples)
+            new_centers = kernels.update_centers(st, run.centers, rows)
+            shift = float(np.sqrt(((new_centers - run.centers) ** 2).sum(axis=1)).max())
+            if callback is not None:
+                callback(Iteration(index, n_iter, run.losses[-1], shift, seconds, new_centers))
+            done_iter = None
+            if shift == 0.0 and n_iter < run.max_iter:
+                done_iter = n_iter + 1  # the update was a no-op: count it, as scikit-learn does
+                run.losses.append(run.losses[-1])
+            elif shift < run.tol or n_iter == run.max_iter:
+                done_iter = n_iter
+            if done_iter is None:
+                run.centers = new_centers
+            else:
+                run.result = LloydResult(run.centers, None, st.inertia, done_iter, run.losses)
+                finished.append((run, slot))
+        if finished:
+            picks = [client.submit(_pick, part, slot, pure=False) for _, slot in finished for part in labels_parts]
+            labels = client.gather(picks)
+            for i, (run, _) in enumerate(finished):
+                parts = labels[i * data.n_chunks : (i + 1) * data.n_chunks]
+                run.result.labels = np.concatenate(parts).astype(np.int64)
+        n_iter += 1
+    return [r.result for r in runs]
 
 
-def lloyd_pass(client: Client, data: ChunkedData, centers: np.ndarray, n_far: int):
-    """Map lloyd_chunk over the chunks, tree-reduce the partials; labels stay on the workers."""
-    centers_on_workers = broadcast(client, centers)
-    passes = map_chunks(data, kernels.lloyd_chunk, centers_on_workers, n_far=n_far, name="assign", nout=2)
-    total = tree_reduce([p[1] for p in passes], kernels.combine_stats, n_far, name="reduce")
+def _pick(items, index):
+    return items[index]
+
+
+def _relocation_rows(client: Client, data: ChunkedData, stats: list) -> list:
+    """For each model with empty clusters, its farthest rows (one fetch for all models); None for the others."""
+    wanted = [st.far_index[: int(np.count_nonzero(st.counts == 0))] for st in stats]
+    if not any(w.size for w in wanted):
+        return [None] * len(stats)
+    rows = fetch_rows(client, data, np.concatenate(wanted))
+    bounds = np.cumsum([0] + [w.size for w in wanted])
+    return [rows[a:b] if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def lloyd_pass(client: Client, data: ChunkedData, centers: list[np.ndarray]):
+    """Map lloyd_chunk_many over the chunks, tree-reduce the partials; labels stay on the workers.
+
+    Returns one labels future per chunk (holding every model's labels) and the
+    reduced ChunkStats of each model.
+    """
+    sizes = tuple(c.shape[0] for c in centers)
+    stacked = broadcast(client, np.concatenate(centers))
+    passes = map_chunks(data, kernels.lloyd_chunk_many, stacked, sizes, sizes, name="assign", nout=2)
+    total = tree_reduce([p[1] for p in passes], kernels.combine_stats_many, sizes, name="reduce")
     futures = client.compute([p[0] for p in passes] + [total])
     return futures[:-1], futures[-1].result()

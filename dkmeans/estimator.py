@@ -12,7 +12,7 @@ import numpy as np
 from distributed import Client, LocalCluster, get_client, span
 
 from . import kernels
-from .engine import chunk_data, lloyd
+from .engine import chunk_data, lloyd_many
 from .seeding import INIT_NAMES, init_centers
 
 
@@ -77,28 +77,7 @@ class KMeans:
     # -- fitting -------------------------------------------------------------------
 
     def fit(self, X, y=None):
-        X = _check_data(X)
-        init = self._check_params(X.shape)
-        seeds = _restart_seeds(self.random_state, 1 if not isinstance(init, str) else self.n_init)
-        # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
-        with _client(self.client) as client, span("dkmeans-fit") as self.span_id_:
-            data = chunk_data(client, X, self.chunk_rows)
-            best = None
-            for seed in seeds:
-                rng = np.random.default_rng(seed)
-                centers = init if not isinstance(init, str) else init_centers(client, data, self.n_clusters, init, rng)
-                result = lloyd(client, data, centers, self.max_iter, self.tol, self.callback)
-                if best is None or result.inertia < best.inertia:
-                    best = result
-            self.data_persisted_ = data.persisted
-            del data
-        self.cluster_centers_ = best.centers
-        self.labels_ = best.labels
-        self.inertia_ = best.inertia
-        self.n_iter_ = best.n_iter
-        self.loss_history_ = best.loss_history
-        self.n_features_in_ = X.shape[1]
-        return self
+        return fit_many([self], X)[0]
 
     def fit_predict(self, X, y=None):
         return self.fit(X).labels_
@@ -169,6 +148,71 @@ class KMeans:
         if isinstance(X, da.Array) and X.numblocks[1] != 1:
             X = X.rechunk({1: -1})  # the kernels need whole rows
         return X
+
+
+def fit_many(models, X, *, client: Client | None = None) -> list:
+    """Fit several KMeans models on the same X together: one pass over the data per iteration for all.
+
+    Every model, restarts included, ends exactly as its own ``fit(X)`` would
+    leave it; models that converge drop out of later passes. This is what
+    makes a sweep over k (an elbow plot) cost far less than fitting the models
+    one after another. The client is ``client``, else the first model's.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("fit_many needs at least one model")
+    X = _check_data(X)
+    inits = [model._check_params(X.shape) for model in models]
+    chunk_rows = {model.chunk_rows for model in models}
+    if len(chunk_rows) > 1:
+        raise ValueError(f"Models fitted together must share chunk_rows, got {sorted(chunk_rows, key=str)}")
+    seeds = [_restart_seeds(m.random_state, m.n_init if isinstance(i, str) else 1) for m, i in zip(models, inits)]
+    owners = [i for i, s in enumerate(seeds) for _ in s]
+    # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
+    with _client(client if client is not None else models[0].client) as client, span("dkmeans-fit") as span_id:
+        data = chunk_data(client, X, chunk_rows.pop())
+        starts = [
+            init_centers(client, data, model.n_clusters, init, np.random.default_rng(seed))
+            if isinstance(init, str)
+            else init
+            for model, init, restarts in zip(models, inits, seeds)
+            for seed in restarts
+        ]
+        results = lloyd_many(
+            client,
+            data,
+            starts,
+            [models[i].max_iter for i in owners],
+            [models[i].tol for i in owners],
+            callback=_forward_progress(models, owners),
+        )
+        persisted = data.persisted
+        del data
+    for i, model in enumerate(models):
+        # The first restart with the lowest inertia, as when the restarts run one after another.
+        best = min((r for r, owner in zip(results, owners) if owner == i), key=lambda r: r.inertia)
+        model.cluster_centers_ = best.centers
+        model.labels_ = best.labels
+        model.inertia_ = best.inertia
+        model.n_iter_ = best.n_iter
+        model.loss_history_ = best.loss_history
+        model.n_features_in_ = X.shape[1]
+        model.data_persisted_ = persisted
+        model.span_id_ = span_id
+    return models
+
+
+def _forward_progress(models, owners):
+    """Turn the engine's Iteration reports into each model's callback(iteration, j_clust, shift, seconds)."""
+    if all(model.callback is None for model in models):
+        return None
+
+    def forward(it):
+        callback = models[owners[it.model]].callback
+        if callback is not None:
+            callback(it.n_iter, it.loss, it.shift, it.seconds)
+
+    return forward
 
 
 def _predict_block(block, centers):

@@ -21,6 +21,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import sklearn.metrics as skm
 from click.testing import CliRunner
 
 from dkmeans.cli import main
@@ -42,7 +43,8 @@ FIT_ARGS = [
 ]
 LOCAL_ARGS = ["--workers", "2", "--threads-per-worker", "1", "--dashboard-address", ":0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OUTPUT_FILES = {"metrics.json", "model.npz", "loss.png", "centroids.png"}
+OUTPUT_FILES = {"metrics.json", "model.npz", "loss.png", "centroids.png", "confusion.png"}
+SCORES = ("accuracy", "purity", "nmi", "ari", "confusion_matrix", "unlabelled")
 PROGRESS = re.compile(r"^\s*(\d+)\s+(\d+\.\d{2})\s+(\S+)\s+(\d+\.\d{3})\s*$")
 BIN = Path(sys.executable).parent
 DKMEANS = BIN / "dkmeans"
@@ -169,6 +171,20 @@ def test_fit_prints_dashboard_progress_and_accuracies(local_run):
     assert train and test, proc.stdout
     assert float(train.group(1)) == pytest.approx(metrics["train_accuracy"], abs=5e-5)
     assert float(test.group(1)) == pytest.approx(metrics["test_accuracy"], abs=5e-5)
+    for part in ("train", "test"):
+        line = re.search(rf"^{part.capitalize()}\s+purity ([\d.]+)  NMI ([\d.]+)  ARI (-?[\d.]+)$", proc.stdout, re.M)
+        assert line, proc.stdout
+        for printed, name in zip(line.groups(), ("purity", "nmi", "ari")):
+            assert float(printed) == pytest.approx(metrics[f"{part}_{name}"], abs=5e-5)
+    confused = re.search(
+        r"^Most confused on test: (\d) read as (\d) \((\d+) of (\d+) test images of \1\)$", proc.stdout, re.M
+    )
+    assert confused, proc.stdout
+    true, predicted, count, total = map(int, confused.groups())
+    matrix = np.array(metrics["test_confusion_matrix"])
+    assert true != predicted and matrix[true, predicted] == count and matrix[true].sum() == total
+    off_diagonal = matrix - np.diag(np.diag(matrix))
+    assert count == off_diagonal.max()
     assert re.search(r"1000 training x 784 features", proc.stdout)
     assert "2 workers with 2 threads" in proc.stdout
 
@@ -186,6 +202,16 @@ def test_fit_metrics_are_sane(local_run):
     assert 1 <= metrics["n_iter"] <= 50
     assert 0.3 < metrics["train_accuracy"] <= 1
     assert 0.3 < metrics["test_accuracy"] <= 1
+    for part, n in (("train", 1000), ("test", 50)):
+        assert {f"{part}_{name}" for name in SCORES} <= set(metrics)
+        matrix = np.array(metrics[f"{part}_confusion_matrix"])
+        assert matrix.shape == (10, 10) and matrix.sum() == n - metrics[f"{part}_unlabelled"]
+        assert np.trace(matrix) == round(metrics[f"{part}_accuracy"] * n)
+        assert 0 < metrics[f"{part}_nmi"] <= 1 and 0 < metrics[f"{part}_ari"] <= 1
+        assert metrics[f"{part}_accuracy"] <= metrics[f"{part}_purity"] <= 1
+    assert metrics["train_unlabelled"] == 0  # every training row is in a cluster with a majority
+    assert metrics["train_purity"] == metrics["train_accuracy"]  # the vote is taken on these rows
+    assert "rows: true digit" in metrics["confusion_matrix_axes"]
     assert metrics["inertia"] > 0
     assert metrics["J_clust"] == pytest.approx(metrics["inertia"] / metrics["n_train"], rel=1e-12)
     history = metrics["loss_history"]
@@ -231,13 +257,24 @@ def test_fit_numbers_match_numpy_recomputation(local_run, subsample):
     test_clusters, _ = nearest(X_test, centers)
     assert metrics["test_accuracy"] == np.mean(mapping[test_clusters] == y_test)
 
+    # Purity, NMI, ARI and the confusion matrix from scikit-learn on the recomputed assignments.
+    for part, c, t in (("train", clusters, y), ("test", test_clusters, y_test)):
+        assert metrics[f"{part}_nmi"] == pytest.approx(skm.normalized_mutual_info_score(t, c), abs=1e-12)
+        assert metrics[f"{part}_ari"] == pytest.approx(skm.adjusted_rand_score(t, c), abs=1e-12)
+        assert metrics[f"{part}_purity"] == pytest.approx(
+            skm.cluster.contingency_matrix(t, c).max(axis=0).sum() / len(t), abs=1e-15
+        )
+        np.testing.assert_array_equal(
+            metrics[f"{part}_confusion_matrix"], skm.confusion_matrix(t, mapping[c], labels=range(10))
+        )
+
     # The centroids are a fixed point of Lloyd's update up to tol (or max_iter was hit).
     means = np.stack([X[clusters == j].mean(axis=0) for j in range(10)])
     if metrics["n_iter"] < 50:
         assert np.sqrt(((means - centers) ** 2).sum(axis=1)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["loss.png", "centroids.png"])
+@pytest.mark.parametrize("name", ["loss.png", "centroids.png", "confusion.png"])
 def test_fit_writes_valid_pngs(local_run, name):
     _, out, _ = local_run
     path = out / name
@@ -363,7 +400,8 @@ def test_fit_on_remote_scheduler_matches_local_cluster(tmp_path, mnist_dir, loca
     local, local_model = load_outputs(local_run[1])
     np.testing.assert_allclose(remote_model["cluster_centers"], local_model["cluster_centers"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(remote_model["centroid_labels"], local_model["centroid_labels"])
-    for key in ("k", "init", "seed", "n_train", "n_test", "n_iter", "train_accuracy", "test_accuracy"):
+    scores = [f"{part}_{name}" for part in ("train", "test") for name in SCORES]
+    for key in ("k", "init", "seed", "n_train", "n_test", "n_iter", *scores):
         assert remote[key] == local[key], key
     assert remote["inertia"] == pytest.approx(local["inertia"], rel=1e-9)
     np.testing.assert_allclose(remote["loss_history"], local["loss_history"], rtol=1e-9)

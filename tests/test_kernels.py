@@ -204,6 +204,56 @@ def test_lloyd_chunk_tiled(monkeypatch, mnist_slice, mnist_centers, tile_element
     np.testing.assert_allclose(kernels.transform(chunk, mnist_centers), np.sqrt(ref), rtol=1e-9, atol=1e-6)
 
 
+def assert_same_stats(a, b):
+    """Bit-for-bit equality of two ChunkStats."""
+    np.testing.assert_array_equal(a.sums, b.sums)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    assert a.inertia == b.inertia
+    np.testing.assert_array_equal(a.far_d2, b.far_d2)
+    np.testing.assert_array_equal(a.far_index, b.far_index)
+    np.testing.assert_array_equal(a.far_label, b.far_label)
+
+
+@pytest.mark.parametrize("as_float32", [False, True])
+def test_lloyd_chunk_many_equals_each_model_alone(mnist_slice, mnist_numpy, as_float32):
+    """Stacked models (k = 1, 2, 5, 20, 3) give each model exactly what lloyd_chunk gives it alone."""
+    X, _ = mnist_numpy
+    rng = np.random.default_rng(5)
+    groups = [rng.choice(len(X), size=(k, 3), replace=False) for k in (1, 2, 5, 20, 3)]
+    models = [X[g].astype(np.float64).mean(axis=1) for g in groups]
+    chunk = mnist_slice.astype(np.float32) / 255 if as_float32 else mnist_slice
+    models = [m / 255 for m in models] if as_float32 else models
+    sizes = tuple(len(m) for m in models)
+    n_far = tuple(2 * k for k in sizes)
+    labels, stats = kernels.lloyd_chunk_many(chunk, np.concatenate(models), sizes, n_far, offset=40)
+    assert len(labels) == len(stats) == len(models)
+    for m, centers in enumerate(models):
+        alone_labels, alone = kernels.lloyd_chunk(chunk, centers, n_far=n_far[m], offset=40)
+        np.testing.assert_array_equal(labels[m], alone_labels)
+        assert_same_stats(stats[m], alone)
+    if not as_float32:  # and each one is right, against the plain numpy reference
+        for m, centers in enumerate(models):
+            r_labels, _, r_sums, r_counts, r_inertia = ref_stats(chunk, centers)
+            np.testing.assert_array_equal(labels[m], r_labels)
+            np.testing.assert_array_equal(stats[m].sums, r_sums)
+            np.testing.assert_allclose(stats[m].inertia, r_inertia, rtol=1e-9)
+
+
+def test_combine_stats_many_is_combine_stats_per_model(mnist_slice, mnist_centers):
+    sizes, n_far = (4, 6), (4, 6)
+    parts = [
+        kernels.lloyd_chunk_many(mnist_slice[a:b], mnist_centers, sizes, n_far, offset=a)[1]
+        for a, b in ((0, 1000), (1000, 1001), (1001, len(mnist_slice)))
+    ]
+    combined = kernels.combine_stats_many(parts, n_far)
+    for m, (start, k) in enumerate(((0, 4), (4, 6))):
+        _, whole = kernels.lloyd_chunk(mnist_slice, mnist_centers[start : start + k], n_far=k, offset=0)
+        np.testing.assert_array_equal(combined[m].sums, whole.sums)
+        np.testing.assert_array_equal(combined[m].counts, whole.counts)
+        np.testing.assert_allclose(combined[m].inertia, whole.inertia, rtol=1e-12)
+        np.testing.assert_array_equal(combined[m].far_index, whole.far_index)
+
+
 def test_combine_stats_of_split_chunks_equals_whole(mnist_slice, mnist_centers):
     n_far = 10
     _, whole = kernels.lloyd_chunk(mnist_slice, mnist_centers, n_far=n_far, offset=0)

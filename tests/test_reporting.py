@@ -1,9 +1,11 @@
-"""Labeling (majority vote), figures and atomic writes: everything the CLI reports through."""
+"""Majority vote, figures and atomic writes: everything the CLI reports through."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dkmeans import plots  # noqa: E402
 from dkmeans.atomic import atomic_path, write_json  # noqa: E402
-from dkmeans.labeling import accuracy, centroid_labels, predict_labels  # noqa: E402
+from dkmeans.metrics import accuracy, centroid_labels, predict_labels  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +33,7 @@ def close_figures():
     plt.close("all")
 
 
-# --- labeling -------------------------------------------------------------------------
+# --- majority vote -------------------------------------------------------------------------
 
 
 def reference_labels(clusters, truth, k):
@@ -174,7 +177,7 @@ def test_loss_curve_without_path_and_long_history(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("k", [2, 10, 20, 256])
+@pytest.mark.parametrize("k", [2, 10, 20, 64, 256])
 def test_centroid_grid(tmp_path, k):
     rng = np.random.default_rng(k)
     centers = rng.random((k, 784)) * 255
@@ -227,6 +230,230 @@ def test_plot_replaces_existing_file(tmp_path):
     plots.loss_curve([3.0, 2.0], path=path)
     assert_png(path)
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+
+
+def test_figures_are_not_kept_open_by_pyplot(tmp_path):
+    plt.close("all")
+    plots.loss_curve([3.0, 2.0])
+    plots.centroid_grid(np.zeros((3, 784)), [1, 2, 3])
+    plots.elbow({"sample": [(2, 3.0), (3, 2.0)]})
+    plots.confusion_matrix(np.eye(3, dtype=int))
+    assert plt.get_fignums() == []  # a 100-figure sweep does not pile up figures (or pyplot's warning)
+
+
+def test_plots_headless_without_display_or_backend(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND", "WAYLAND_DISPLAY")}
+    script = (
+        "import matplotlib, numpy as np; from dkmeans import plots; "
+        f"plots.confusion_matrix(np.eye(3, dtype=int), path={str(tmp_path / 'c.png')!r}); "
+        "print(matplotlib.get_backend())"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().lower() == "agg"
+    assert_png(tmp_path / "c.png")
+
+
+@pytest.mark.parametrize("history, match", [([], "non-empty"), ([[1.0, 2.0]], "1-D"), ([3.0, np.nan], "NaN")])
+def test_loss_curve_bad_input(tmp_path, history, match):
+    with pytest.raises(ValueError, match=match):
+        plots.loss_curve(history, path=tmp_path / "loss.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- centroid grid layout ---------------------------------------------------------------
+
+
+def agg_renderer(fig):
+    """Lay the figure out as the PNG writer would and return the renderer, for measuring text."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def boxes(artists, renderer):
+    return np.array([a.get_window_extent(renderer).extents for a in artists])  # x0, y0, x1, y1 in pixels
+
+
+def overlapping(a, b):
+    """Pairs (i, j) where box a[i] and box b[j] overlap by more than a pixel."""
+    x = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    y = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    return np.argwhere((x > 1) & (y > 1))
+
+
+@pytest.mark.parametrize(
+    "k, shape", [(2, (1, 2)), (3, (1, 3)), (10, (2, 5)), (20, (4, 5)), (64, (8, 8)), (256, (16, 16))]
+)
+def test_centroid_grid_layout_is_readable(k, shape):
+    labels = np.arange(k) % 10
+    labels[-1] = -1  # the widest label
+    fig = plots.centroid_grid(np.random.default_rng(0).random((k, 784)), labels)
+    width, height = fig.get_size_inches() * plots.DPI
+    assert 400 <= width <= 2000 and 200 <= height <= 2000, (width, height)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    rows_cols = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in fig.axes}
+    assert len(rows_cols) == shape[0] * shape[1] == len(fig.axes)  # the expected grid, fully used for these k
+    renderer = agg_renderer(fig)
+    cells = boxes(image_axes, renderer)
+    titles = boxes([ax.title for ax in image_axes], renderer)
+    suptitle = boxes([fig._suptitle], renderer)
+    sizes = cells[:, 2:] - cells[:, :2]
+    assert np.ptp(sizes, axis=0).max() < 1.5  # every image the same size
+    assert sizes.min() >= 40  # pixels: a 28x28 digit is at least drawn at full resolution
+    for group in (cells, titles, suptitle):  # everything inside the canvas
+        assert group[:, :2].min() >= -0.5 and group[:, 2].max() <= width + 0.5 and group[:, 3].max() <= height + 0.5
+    assert overlapping(titles, cells).size == 0  # labels clear of every image
+    assert len(overlapping(titles, titles)) == k  # (each only with itself)
+    assert overlapping(suptitle, np.vstack([cells, titles])).size == 0
+    fonts = {ax.title.get_fontsize() for ax in image_axes}
+    assert len(fonts) == 1 and 8 <= fonts.pop() <= 12
+    assert titles[:, 3].max() - titles[:, 1].min() > 0
+
+
+@pytest.mark.parametrize(
+    "centers, labels, match",
+    [
+        (np.zeros((0, 784)), None, "non-empty 2-D"),
+        (np.zeros(784), None, "non-empty 2-D"),
+        (np.zeros((3, 784)), [1, 2], "2 labels for 3 centroids"),
+    ],
+)
+def test_centroid_grid_bad_input(tmp_path, centers, labels, match):
+    with pytest.raises(ValueError, match=match):
+        plots.centroid_grid(centers, labels, path=tmp_path / "c.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- elbow --------------------------------------------------------------------------------
+
+
+def test_elbow(tmp_path):
+    results = {
+        "sample": [(7, 5.0), (5, 9.0), (6, 6.5)],  # unsorted on purpose
+        "random": {5: 10.0, 6: 8.0, 7: 7.5, 8: 7.0},
+    }
+    path = tmp_path / "elbow.png"
+    fig = plots.elbow(results, path=path)
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert ax.get_title() == "Elbow: J_clust against k"
+    assert ax.get_xlabel() == "k (number of clusters)"
+    assert "J_clust" in ax.get_ylabel()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"sample", "random"}
+    np.testing.assert_array_equal(lines["sample"].get_xdata(), [5, 6, 7])
+    np.testing.assert_array_equal(lines["sample"].get_ydata(), [9.0, 6.5, 5.0])
+    np.testing.assert_array_equal(lines["random"].get_xdata(), [5, 6, 7, 8])
+    np.testing.assert_array_equal(lines["random"].get_ydata(), [10.0, 8.0, 7.5, 7.0])
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["sample", "random"]
+    assert legend.get_title().get_text() == "init"
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # k ticks are whole numbers
+    image = assert_png(path)
+    assert image[..., :3].std() > 0.01
+    assert leftovers(tmp_path) == []
+
+
+def test_elbow_single_point_and_custom_title():
+    fig = plots.elbow({"k-means||": [(np.int64(10), np.float64(2.5e6))]}, title="one")
+    assert fig.axes[0].get_title() == "one"
+    assert fig.axes[0].get_lines()[0].get_xdata().tolist() == [10]
+
+
+@pytest.mark.parametrize(
+    "results, match",
+    [
+        ({}, "non-empty mapping"),
+        ([("sample", [(5, 1.0)])], "non-empty mapping"),
+        ({"sample": []}, "'sample' has no"),
+        ({"sample": [5, 6]}, "pairs"),
+        ({"sample": [(5, 1.0, 2.0)]}, "pairs"),
+        ({"sample": [(5.5, 1.0)]}, "positive integers"),
+        ({"sample": [(0, 1.0)]}, "positive integers"),
+        ({"sample": [(5, 1.0), (5, 2.0)]}, "repeats"),
+        ({"sample": [(5, np.nan)]}, "NaN"),
+        ({"sample": [(5, 1.0)], "random": [(5, np.inf)]}, "'random'"),
+    ],
+)
+def test_elbow_bad_input(tmp_path, results, match):
+    with pytest.raises(ValueError, match=match):
+        plots.elbow(results, path=tmp_path / "elbow.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- confusion matrix -----------------------------------------------------------------------
+
+
+def test_confusion_matrix_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 50, (10, 10)) + np.diag(rng.integers(500, 6000, 10))
+    path = tmp_path / "confusion.png"
+    fig = plots.confusion_matrix(matrix, path=path)
+    assert isinstance(fig, Figure)
+    ax, bar = fig.axes  # the matrix and its colorbar
+    assert ax.get_title() == "Confusion matrix"
+    assert ax.get_xlabel() == "predicted digit" and ax.get_ylabel() == "true digit"
+    assert bar.get_ylabel() == "count"
+    np.testing.assert_array_equal(ax.images[0].get_array(), matrix)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(10)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(10)]
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert len(texts) == 100
+    assert all(texts[i, j] == str(matrix[i, j]) for i in range(10) for j in range(10))
+    # dark cells get white text
+    assert {t.get_color() for t in ax.texts} == {"white", "black"}
+    image = assert_png(path)
+    assert max(image.shape[:2]) <= 2000
+    assert leftovers(tmp_path) == []
+
+
+def test_confusion_matrix_plot_normalized_and_labelled():
+    matrix = np.array([[8, 2, 0], [1, 1, 2], [0, 0, 0]])
+    fig = plots.confusion_matrix(
+        matrix, normalize=True, row_labels=["a", "b", "c"], col_labels=["x", "y", "z"], title="t", xlabel="X"
+    )
+    ax, bar = fig.axes
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.8, 0.2, 0], [0.25, 0.25, 0.5], [0, 0, 0]])
+    assert "fraction" in bar.get_ylabel()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"]
+    assert ax.get_title() == "t" and ax.get_xlabel() == "X"
+    assert sorted(t.get_text() for t in ax.texts)[-1] == "0.80"
+
+
+@pytest.mark.parametrize("n_cols", [2, 20, 256])
+def test_confusion_matrix_plot_digit_by_cluster_sizes(tmp_path, n_cols):
+    matrix = np.random.default_rng(n_cols).integers(0, 600, (10, n_cols))
+    path = tmp_path / "c.png"
+    fig = plots.confusion_matrix(matrix, xlabel="cluster", path=path)
+    ax = fig.axes[0]
+    image = assert_png(path)
+    assert 300 <= image.shape[1] <= 2000 and 300 <= image.shape[0] <= 2000
+    assert len(ax.texts) == (10 * n_cols if n_cols <= 20 else 0)  # numbers only where they fit
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert 2 <= len(ticks) <= 41 and all(0 <= int(t) < n_cols for t in ticks)
+    renderer = agg_renderer(fig)
+    tick_boxes = boxes([t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()], renderer)
+    assert len(overlapping(tick_boxes, tick_boxes)) == len(tick_boxes)  # tick labels do not collide
+
+
+@pytest.mark.parametrize(
+    "matrix, kwargs, match",
+    [
+        (np.arange(4), {}, "non-empty 2-D"),
+        (np.zeros((0, 3)), {}, "non-empty 2-D"),
+        (np.array([[1, -1], [0, 2]]), {}, "non-negative"),
+        (np.array([[1.0, np.nan], [0, 2]]), {}, "finite"),
+        (np.array([["a", "b"]]), {}, "counts"),
+        (np.eye(3, dtype=int), {"row_labels": [0, 1]}, "2 row_labels for 3 matrix rows"),
+        (np.eye(3, dtype=int), {"col_labels": list("abcd")}, "4 col_labels for 3 matrix cols"),
+    ],
+)
+def test_confusion_matrix_plot_bad_input(tmp_path, matrix, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plots.confusion_matrix(matrix, path=tmp_path / "c.png", **kwargs)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- atomic writes ------------------------------------------------------------------------
