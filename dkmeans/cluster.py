@@ -8,6 +8,7 @@ must end in a short message naming the address, never a hang or a traceback.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -90,7 +91,7 @@ def remote_client(address: str, timeout: float, security: Security | None = None
             ) from exc
         try:
             yield client
-        except (asyncio.CancelledError, OSError, TimeoutError) as exc:
+        except (asyncio.CancelledError, concurrent.futures.CancelledError, OSError, TimeoutError) as exc:
             if not _scheduler_gone(client):
                 raise
             # Closing the client cancels its reconnection attempts, which distributed logs with a
