@@ -12,7 +12,7 @@ and checks the workers: peak RSS (the kernel's high-water mark for each worker p
 missed between samples), spilled bytes, pauses and restarts. Usage:
 
     DKMEANS_DATA_DIR=../shared/data/mnist dkmeans data expand --factor 100 --out /big/disk/mnist-x100
-    python benchmarks/bench_streaming.py --store /big/disk/mnist-x100 --memory-limit 400MB --iters 3
+    python benchmarks/bench_streaming.py --expanded /big/disk/mnist-x100 --memory-limit 400MB --iters 3
 
 Note: a store smaller than the machine's free RAM sits in the page cache after its first read, so "raw
 read" is then a warm-cache read; the ratio streaming / raw read is what the issue's 1.5x target refers to.
@@ -49,14 +49,14 @@ def _read_chunk_bytes(rows, i) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", required=True, help="an expanded store (dkmeans data expand)")
+    parser.add_argument("--expanded", required=True, help="an expanded store (dkmeans data expand)")
     parser.add_argument("--memory-limit", default="400MB", help="per worker")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--iters", type=int, default=3, help="Lloyd updates (iters + 1 passes)")
     args = parser.parse_args()
 
-    store = open_expanded(args.store)
+    store = open_expanded(args.expanded)
     rows = store.rows()
     limit = parse_bytes(args.memory_limit)
     total_limit = limit * args.workers

@@ -59,6 +59,14 @@ data_options = _compose(
         help="Where downloads and the chunked store live [default: $DKMEANS_CACHE_DIR or the user cache].",
     ),
     click.option("--chunk-rows", type=click.IntRange(min=1), default=6000, help="Rows per chunk of the Dask array."),
+    click.option(
+        "--store",
+        "store_url",
+        default=None,
+        metavar="URL",
+        help="Chunked store location every worker can read: a folder or an fsspec URL (file://, s3://, gs://...) "
+        "[default: the store folder in the cache].",
+    ),
 )
 
 subsample_options = _compose(
@@ -94,6 +102,18 @@ cluster_options = _compose(
     click.option(
         "--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, help="Seconds to wait for --scheduler."
     ),
+    click.option(
+        "--tls-ca-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="CA certificate of a TLS cluster (with --tls-cert, --tls-key and a tls:// --scheduler).",
+    ),
+    click.option(
+        "--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client certificate."
+    ),
+    click.option(
+        "--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client private key."
+    ),
 )
 
 seed_option = click.option(
@@ -120,7 +140,7 @@ seed_option = click.option(
     help="Write metrics.json, model.npz, loss.png, centroids.png and confusion.png here.",
 )
 @click.option(
-    "--store",
+    "--expanded",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Fit on the training images of an expanded store (`dkmeans data expand`), in its own chunks, "
@@ -139,8 +159,8 @@ def fit(**opts):
     out_dir = opts["out_dir"]
     if opts["resume"] and opts["checkpoint"] is None:
         raise click.UsageError("--resume needs --checkpoint PATH")
-    if opts["store"] is not None and opts["train_per_digit"] is not None:
-        raise click.UsageError("--store and --train-per-digit cannot be combined")
+    if opts["expanded"] is not None and opts["train_per_digit"] is not None:
+        raise click.UsageError("--expanded and --train-per-digit cannot be combined")
     if out_dir is not None:
         _check_writable(out_dir)
     with _client(opts) as client:
@@ -156,14 +176,14 @@ def run(client, opts) -> dict:
     started = time.perf_counter()
     data = _load(opts)
     X, y = data.train_images, data.train_labels
-    if opts["store"] is not None:
+    if opts["expanded"] is not None:
         from .data.expand import open_expanded
 
         try:
-            store = open_expanded(opts["store"])
+            store = open_expanded(opts["expanded"])
             X, y = store.images(), store.labels()
         except (ValueError, OSError) as exc:
-            raise click.ClickException(f"--store: {exc}") from exc
+            raise click.ClickException(f"--expanded: {exc}") from exc
         click.echo(
             f"Expanded store {store.path}: {store.nbytes / 1e9:.2f} GB, factor {store.manifest['settings']['factor']}"
         )
@@ -498,6 +518,7 @@ def _load(opts, **overrides):
 
     keys = ("data_dir", "cache_dir", "chunk_rows", "train_per_digit", "test_size", "seed")
     params = {key: opts.get(key) for key in keys}
+    params["store"] = opts.get("store_url")
     params.update(overrides)
     click.echo("Loading MNIST (verified, converted to the chunked store on first use)...")
     try:
@@ -624,25 +645,17 @@ def _client(opts):
 
     address = opts["scheduler"]
     if address:
+        from .cluster import ClusterError, remote_client, tls_security
+
         try:
-            client = Client(address, timeout=opts["connect_timeout"])
-        except (OSError, TimeoutError) as exc:
-            raise click.ClickException(
-                f"Could not connect to the Dask scheduler at {address} within {opts['connect_timeout']:g} s: {exc}"
-            ) from exc
-        # The client logs every failed reconnection with a traceback; a lost scheduler is reported once, below.
-        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-        logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
-        with client:
-            try:
-                client.wait_for_workers(1, timeout=opts["connect_timeout"])
-            except TimeoutError as exc:
-                raise click.ClickException(
-                    f"The Dask scheduler at {address} has no workers (waited {opts['connect_timeout']:g} s); "
-                    f"start some with: dask worker {address}"
-                ) from exc
-            yield client
+            security = tls_security(opts.get("tls_ca_file"), opts.get("tls_cert"), opts.get("tls_key"))
+            with remote_client(address, opts["connect_timeout"], security) as client:
+                yield client
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from exc
         return
+    if any(opts.get(name) for name in ("tls_ca_file", "tls_cert", "tls_key")):
+        raise click.UsageError("--tls-ca-file, --tls-cert and --tls-key are for a remote --scheduler")
     with (
         LocalCluster(
             n_workers=opts["workers"],
@@ -702,7 +715,7 @@ def expand(factor, elastic, max_shift, seed, chunk_rows, out, data_dir, cache_di
         except (StoreError, OSError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"Expanded store: {store.path} ({store.n_rows:,} images, {store.nbytes / 1e9:.2f} GB)")
-    click.echo(f"Fit on it with: dkmeans fit --store {store.path}")
+    click.echo(f"Fit on it with: dkmeans fit --expanded {store.path}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask import delayed
+from dask.sizeof import sizeof
 from distributed import Client, Future
 
 from . import kernels
@@ -98,11 +99,20 @@ def placement_message(client: Client, nbytes: int, persisted: bool) -> str:
     return f"data: streamed from storage every iteration ({nbytes / 1e6:,.1f} MB exceeds {budget})"
 
 
+@sizeof.register(kernels.ChunkStats)
+def _sizeof_chunk_stats(stats: kernels.ChunkStats) -> int:
+    """Dask would guess a dataclass at ~100 bytes; its placement and transfer accounting need the real size."""
+    arrays = (stats.sums, stats.counts, stats.far_d2, stats.far_index, stats.far_label)
+    return 64 + sum(np.asarray(a).nbytes for a in arrays)
+
+
 # --- map and reduce helpers -----------------------------------------------------
 
 
 def _tag(name: str) -> str:
-    return f"dkmeans-{name}-{uuid.uuid4().hex[:12]}"
+    # The dashboard names tasks by key_split, which drops the hex suffix only if it holds a digit;
+    # 32 hex characters make an all-letter suffix (shown as part of the name) practically impossible.
+    return f"dkmeans-{name}-{uuid.uuid4().hex}"
 
 
 def map_chunks(data: ChunkedData, func, *args, name: str, nout: int | None = None, per_chunk=None, **kwargs):

@@ -9,7 +9,7 @@ import numbers
 
 import dask.array as da
 import numpy as np
-from distributed import Client, LocalCluster, get_client
+from distributed import Client, LocalCluster, get_client, span
 
 from . import kernels
 from .checkpoint import BestRun, Checkpoint, CheckpointError, FitState, data_fingerprint
@@ -279,7 +279,8 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
         raise ValueError(f"Models fitted together must share chunk_rows, got {sorted(chunk_rows, key=str)}")
     seeds = [_restart_seeds(m.random_state, m.n_init if isinstance(i, str) else 1) for m, i in zip(models, inits)]
     owners = [i for i, s in enumerate(seeds) for _ in s]
-    with _client(client if client is not None else models[0].client) as client:
+    # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
+    with _client(client if client is not None else models[0].client) as client, span("dkmeans-fit") as span_id:
         data = chunk_data(client, X, chunk_rows.pop())
         starts = [
             init_centers(client, data, model.n_clusters, init, np.random.default_rng(seed))
@@ -308,6 +309,7 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
         model.loss_history_ = best.loss_history
         model.n_features_in_ = X.shape[1]
         model.data_persisted_ = persisted
+        model.span_id_ = span_id
     return models
 
 

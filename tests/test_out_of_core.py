@@ -41,7 +41,7 @@ def store2(tmp_path_factory, mnist_dir, cache_dir):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"Fit on it with: dkmeans fit --store {out}" in proc.stdout
+    assert f"Fit on it with: dkmeans fit --expanded {out}" in proc.stdout
     return open_expanded(out)
 
 
@@ -116,7 +116,7 @@ def test_streaming_fit_matches_scikit_learn(store2):
 def test_cli_fit_on_a_store_says_it_streams(store2, tmp_path, mnist_dir, cache_dir):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [str(BIN / "dkmeans"), "fit", "--store", str(store2.path), "--memory-limit", "80MB", "--max-iter", "2",
+        [str(BIN / "dkmeans"), "fit", "--expanded", str(store2.path), "--memory-limit", "80MB", "--max-iter", "2",
          "--init", "sample", "--dashboard-address", ":0", "--cache-dir", str(cache_dir), "--data-dir", str(mnist_dir),
          "--out", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, **NO_GUARDS_ENV, "MPLBACKEND": "Agg"},

@@ -12,7 +12,8 @@ import numpy as np
 from dask.base import tokenize
 
 from .fetch import MNIST_FILES, default_cache_dir, locate_mnist
-from .store import IMAGE_SHAPE, Store, ensure_store
+from .fsstore import FsspecStore, ensure_fs_store
+from .store import IMAGE_SHAPE, Store, ensure_store, ensure_store_at
 
 __all__ = ["MNIST", "load_mnist"]
 
@@ -35,6 +36,8 @@ def load_mnist(
     train_per_digit: int | None = None,
     test_size: int | None = None,
     seed: int | None = 0,
+    store: str | os.PathLike[str] | None = None,
+    storage_options: dict | None = None,
 ) -> MNIST:
     """Load MNIST, fetching and converting it into the cache on first use.
 
@@ -42,6 +45,10 @@ def load_mnist(
     balanced subset) and `test_size` that many random test images; both are
     reproducible from `seed`, and each draws from its own random stream so
     one choice does not change the other's sample.
+
+    `store` puts the chunked store somewhere every worker can read instead
+    of the cache: a folder, or an fsspec URL (`s3://bucket/mnist-store`, with
+    `storage_options` for its filesystem); see data/fsstore.py.
     """
     _check_int("chunk_rows", chunk_rows, low=1)
     if train_per_digit is not None:
@@ -49,10 +56,15 @@ def load_mnist(
     if test_size is not None:
         _check_int("test_size", test_size, low=1)
 
-    files = locate_mnist(data_dir=data_dir, cache_dir=cache_dir)
-    cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     sources = {name: spec.sha256 for name, spec in MNIST_FILES.items()}
-    store = ensure_store(files, cache, sources)
+    if store is not None and "://" in str(store):
+        store = ensure_fs_store(
+            str(store), sources, lambda: locate_mnist(data_dir=data_dir, cache_dir=cache_dir), storage_options
+        )
+    else:
+        files = locate_mnist(data_dir=data_dir, cache_dir=cache_dir)
+        cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+        store = ensure_store(files, cache, sources) if store is None else ensure_store_at(files, store, sources)
 
     train_x, train_y = _lazy(store, "train-images", chunk_rows), store.load("train-labels")
     test_x, test_y = _lazy(store, "test-images", chunk_rows), store.load("test-labels")
@@ -69,7 +81,7 @@ def load_mnist(
     return MNIST(train_x, _frozen_labels(train_y), test_x, _frozen_labels(test_y))
 
 
-def _lazy(store: Store, name: str, chunk_rows: int) -> da.Array:
+def _lazy(store: Store | FsspecStore, name: str, chunk_rows: int) -> da.Array:
     """Wrap a stored array so each task reads its own rows; the name is stable across loads."""
     rows = store.rows(name)
     return da.from_array(

@@ -34,6 +34,7 @@ __all__ = [
     "StoreError",
     "build_store",
     "ensure_store",
+    "ensure_store_at",
     "open_store",
     "read_chunk",
 ]
@@ -184,7 +185,12 @@ def ensure_store(files: Mapping[str, Path], cache_dir: str | os.PathLike[str], s
     `files` maps logical names to IDX files and `sources` maps the same names
     to their SHA-256; the caller is trusted to have verified them.
     """
-    dest = Path(cache_dir) / STORE_NAME
+    return ensure_store_at(files, Path(cache_dir) / STORE_NAME, sources)
+
+
+def ensure_store_at(files: Mapping[str, Path], dest: str | os.PathLike[str], sources: Mapping[str, str]) -> Store:
+    """Open the store folder `dest`, (re)building it unless it matches `sources`."""
+    dest = Path(dest).expanduser()
     store = open_store(dest, sources)
     if store is None:
         build_store(files, dest, sources)
