@@ -106,7 +106,7 @@ class KMeans:
         else:
             entropy = None
             seeds = _restart_seeds(self.random_state, n_init)
-        with _client(self.client) as client:
+        with _client(self.client) as client, span("dkmeans-fit") as span_id:
             data = chunk_data(client, X, self.chunk_rows)
             try:
                 best = self._fit_restarts(client, data, init, seeds, ckpt, state, entropy)
@@ -119,6 +119,7 @@ class KMeans:
                 raise
             self.data_persisted_ = data.persisted
             del data
+        self.span_id_ = span_id
         self.cluster_centers_ = best.centers
         self.labels_ = best.labels
         self.inertia_ = best.inertia
