@@ -117,16 +117,20 @@ class KMeans:
                         "fit again with resume=True (dkmeans fit --resume) to continue from it."
                     )
                 raise
-            self.data_persisted_ = data.persisted
+            persisted = data.persisted
             del data
-        self.span_id_ = span_id
-        self.cluster_centers_ = best.centers
-        self.labels_ = best.labels
-        self.inertia_ = best.inertia
-        self.n_iter_ = best.n_iter
-        self.loss_history_ = best.loss_history
-        self.n_features_in_ = X.shape[1]
+        self._set_fitted(best, X.shape[1], persisted, span_id)
         return self
+
+    def _set_fitted(self, result: LloydResult, n_features: int, persisted: bool, span_id) -> None:
+        self.cluster_centers_ = result.centers
+        self.labels_ = result.labels
+        self.inertia_ = result.inertia
+        self.n_iter_ = result.n_iter
+        self.loss_history_ = result.loss_history
+        self.n_features_in_ = n_features
+        self.data_persisted_ = persisted
+        self.span_id_ = span_id
 
     def _fit_restarts(self, client, data, init, seeds, ckpt, state, entropy) -> LloydResult:
         """Run (or finish) every restart and keep the lowest inertia, checkpointing after each update."""
@@ -303,14 +307,7 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
     for i, model in enumerate(models):
         # The first restart with the lowest inertia, as when the restarts run one after another.
         best = min((r for r, owner in zip(results, owners) if owner == i), key=lambda r: r.inertia)
-        model.cluster_centers_ = best.centers
-        model.labels_ = best.labels
-        model.inertia_ = best.inertia
-        model.n_iter_ = best.n_iter
-        model.loss_history_ = best.loss_history
-        model.n_features_in_ = X.shape[1]
-        model.data_persisted_ = persisted
-        model.span_id_ = span_id
+        model._set_fitted(best, X.shape[1], persisted, span_id)
     return models
 
 
