@@ -566,7 +566,7 @@ def _echo_scores(scores: dict) -> None:
 
 
 def _fit_with_clear_errors(model, X, client) -> None:
-    """Fit; turn a lost scheduler, a corrupted chunk or a refused checkpoint into one clear message."""
+    """Fit; turn a corrupted chunk or a refused checkpoint into one clear message, and let a lost scheduler through."""
     from .checkpoint import CheckpointError
     from .data.store import StoreError
 
@@ -576,10 +576,7 @@ def _fit_with_clear_errors(model, X, client) -> None:
         raise click.ClickException(_with_notes(exc)) from exc
     except Exception as exc:
         if client.status not in ("running", "connecting") or _is_connection_error(exc):
-            raise click.ClickException(
-                f"Lost the connection to the Dask scheduler during the fit ({type(exc).__name__}: {exc}). "
-                + (" ".join(getattr(exc, "__notes__", [])) or "No checkpoint was saved (use --checkpoint PATH).")
-            ) from exc
+            raise  # cluster.remote_client names the scheduler that was lost; the checkpoint note travels along
         if getattr(exc, "__notes__", None):
             raise click.ClickException(_with_notes(exc)) from exc
         raise

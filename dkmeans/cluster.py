@@ -81,6 +81,9 @@ def remote_client(address: str, timeout: float, security: Security | None = None
         raise ClusterError(
             f"Could not connect to the Dask scheduler at {address} within {timeout:g} s: {exc}{hint}"
         ) from exc
+    # A lost scheduler makes the batched comm log its closure with a traceback before any error reaches
+    # us; the one-line error below says what happened.
+    logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
     with client:
         try:
             client.wait_for_workers(1, timeout=timeout)
@@ -97,7 +100,8 @@ def remote_client(address: str, timeout: float, security: Security | None = None
             # Closing the client cancels its reconnection attempts, which distributed logs with a
             # traceback; the one-line error below already says what happened.
             logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+            notes = "".join(f" {note}" for note in getattr(exc, "__notes__", []))
             raise ClusterError(
                 f"Lost the connection to the Dask scheduler at {address} during the fit "
-                f"(the scheduler stopped or the network failed): {exc}"
+                f"(the scheduler stopped or the network failed): {exc}.{notes}"
             ) from exc
