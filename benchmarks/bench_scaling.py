@@ -13,8 +13,8 @@ one pass costs. Loading and persisting the data, the init and the final labels c
   tasks       tasks the scheduler ran, from its task stream, by name (dkmeans-assign, dkmeans-reduce, ...)
   get_data    bytes and messages the workers served to other workers and to the client (Worker.get_data:
               reduction partials, centre replicas, the result the client gathers)
-  scattered   bytes of centres the client scatters each pass (k x d float64, sent once through the
-              scheduler and replicated to every worker; the replication is part of get_data)
+  centres     bytes of centres the client sends each pass (k x d float64, in the graph of one
+              dkmeans-broadcast task; its result is then fetched worker to worker, counted under get_data)
 Graph messages (client -> scheduler -> workers) are not counted: a few hundred bytes per task.
 
     DKMEANS_DATA_DIR=../shared/data/mnist python benchmarks/bench_scaling.py
@@ -35,6 +35,8 @@ from distributed.utils import key_split
 
 from dkmeans import KMeans
 from dkmeans.data import load_mnist
+
+BROADCAST = "dkmeans-broadcast"  # the task holding each pass's centres (engine.broadcast)
 
 
 def _served(dask_worker):
@@ -94,8 +96,10 @@ def per_pass(client, X, init, iters, chunk_rows=None) -> dict:
     return {
         "seconds": long["seconds"],
         "tasks": diff(long["tasks"], short["tasks"]),
-        "partials": sum(v for name, v in served.items() if name.startswith("dkmeans-") or name == "getitem"),
-        "centres": served.get("ndarray", 0.0),  # the scattered centres, replicated worker to worker
+        "partials": sum(
+            v for name, v in served.items() if name == "getitem" or (name.startswith("dkmeans-") and name != BROADCAST)
+        ),
+        "centres": served.get(BROADCAST, 0.0),  # the centres' task result, fetched worker to worker
         "chunks": sum(v for name, v in served.items() if name.startswith(("mnist-", "weak-"))),  # data moved
         "served": served,
         "messages": (long["messages"] - short["messages"]) / passes,
@@ -117,7 +121,7 @@ def shifted_copies(X: np.ndarray, copies: int) -> np.ndarray:
 
 
 def traffic(r) -> str:
-    return f"{r['partials'] / 1e6:>11.3f} {r['centres'] / 1e6:>10.3f} {r['chunks'] / 1e6:>9.3f} {r['messages']:>5.1f}"
+    return f"{r['partials'] / 1e6:>11.3f} {r['centres'] / 1e6:>16.3f} {r['chunks'] / 1e6:>9.3f} {r['messages']:>5.1f}"
 
 
 def fmt_tasks(tasks) -> str:
@@ -147,8 +151,8 @@ def main() -> None:
 
     print("\nStrong scaling (same data, more workers); per pass: median seconds, measured traffic and tasks")
     print(
-        f"{'k':>4} {'workers':>7} {'s/iter':>8} {'speed-up':>8} {'effic.':>7} {'scattered MB':>12} "
-        f"{'partials MB':>11} {'centres MB':>10} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
+        f"{'k':>4} {'workers':>7} {'s/iter':>8} {'speed-up':>8} {'effic.':>7} {'centres sent MB':>15} "
+        f"{'partials MB':>11} {'centre copies MB':>16} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
     )
     results = {}
     for workers in args.workers:
@@ -163,7 +167,7 @@ def main() -> None:
             speedup = base / r["seconds"]
             print(
                 f"{k:>4} {workers:>7} {r['seconds']:>8.3f} {speedup:>7.2f}x {speedup / workers:>7.2f} "
-                f"{k * d * 8 / 1e6:>12.3f} {traffic(r)}  {fmt_tasks(r['tasks'])}"
+                f"{k * d * 8 / 1e6:>15.3f} {traffic(r)}  {fmt_tasks(r['tasks'])}"
             )
         inertias = [results[k, w]["inertia"] for w in args.workers]
         assert max(inertias) - min(inertias) <= 1e-9 * max(inertias), f"k={k}: results differ across workers"
@@ -173,7 +177,7 @@ def main() -> None:
     print("\nWeak scaling (W workers, W shifted copies of MNIST); per pass")
     print(
         f"{'k':>4} {'workers':>7} {'rows':>7} {'s/iter':>8} {'effic.':>7} "
-        f"{'partials MB':>11} {'centres MB':>10} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
+        f"{'partials MB':>11} {'centre copies MB':>16} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
     )
     for k in args.weak_k:
         base = None
