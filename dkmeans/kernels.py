@@ -175,7 +175,11 @@ def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     beyond k of about 20, a one-hot matrix product.
     """
     exact = chunk.dtype.kind in "ui" and chunk.dtype.itemsize <= 2
-    accumulator = np.int64 if exact else np.float64
+    accumulator = np.float64
+    if exact:  # int32 sums are about twice as fast as int64; use them while no sum can overflow
+        info = np.iinfo(chunk.dtype)
+        fits = chunk.shape[0] * max(abs(int(info.min)), int(info.max)) < 2**31
+        accumulator = np.int32 if fits else np.int64
     sums = np.zeros((k, chunk.shape[1]), dtype=np.float64)
     for j in np.unique(labels):
         sums[j] = chunk[labels == j].sum(axis=0, dtype=accumulator)

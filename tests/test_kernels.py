@@ -570,3 +570,23 @@ def test_one_row_chunk():
     lo, hi = kernels.data_range(x)
     np.testing.assert_array_equal(lo, x[0])
     np.testing.assert_array_equal(hi, x[0])
+
+
+@pytest.mark.parametrize(
+    "dtype, rows",
+    [(np.uint8, 3001), (np.int8, 3001), (np.uint16, 3001), (np.uint16, 40000), (np.int16, 70000)],
+)
+def test_cluster_sums_of_small_integers_are_exact(dtype, rows):
+    """Integer accumulators (int32 while no sum can overflow, else int64) give the exact sums, even at the extremes."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(rows)
+    chunk = rng.choice(np.array([info.min, info.max, 0, 1], dtype=dtype), size=(rows, 3))
+    chunk[:, 0] = info.max  # a column whose total exceeds int32 for the larger chunks
+    labels = rng.integers(0, 4, rows)
+    labels[: rows - 100] = 2  # one big cluster: its column-0 total overflows int32 for the larger chunks
+    sums = kernels.cluster_sums(chunk, labels, 5)
+    expected = np.zeros((5, 3))
+    for j in range(5):
+        expected[j] = [int(v) for v in chunk[labels == j].astype(object).sum(axis=0)] if (labels == j).any() else 0
+    np.testing.assert_array_equal(sums, expected)
+    assert sums.dtype == np.float64
