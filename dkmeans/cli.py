@@ -189,9 +189,9 @@ def run(client, opts) -> dict:
         )
     _check_ks([opts["k"]], X.shape[0], "--k")
     _describe(client, X)
-    from .engine import _fits_in_memory, placement_message
+    from .engine import fits_in_memory, placement_message
 
-    placement = placement_message(client, X.nbytes, _fits_in_memory(client, X.nbytes))
+    placement = placement_message(client, X.nbytes, fits_in_memory(client, X.nbytes))
     click.echo(placement[0].upper() + placement[1:])
     click.echo(f"Fitting k={opts['k']} init={opts['init']} n_init={opts['n_init']} seed={opts['seed']}")
     if opts["resume"]:

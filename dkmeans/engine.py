@@ -59,7 +59,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
             X = X.rechunk({0: chunk_rows, 1: -1})
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
-        persisted = _fits_in_memory(client, X.nbytes)
+        persisted = fits_in_memory(client, X.nbytes)
         log.debug(placement_message(client, X.nbytes, persisted))
         keep = client.persist(X) if persisted else X
         blocks = list(keep.to_delayed().ravel())
@@ -82,7 +82,7 @@ def _default_chunk_rows(client: Client, X: np.ndarray) -> int:
     return max(1, min(by_threads, by_bytes))
 
 
-def _fits_in_memory(client: Client, nbytes: int) -> bool:
+def fits_in_memory(client: Client, nbytes: int) -> bool:
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
     if any(limit == 0 for limit in limits):  # no limit set
         return True
