@@ -1,9 +1,10 @@
 """Dask orchestration: map the numpy kernels over row chunks and tree-reduce their partials.
 
-Each Lloyd iteration is one pass over the data: the centres are broadcast to
-the workers once, every chunk task returns its labels (kept on its worker) and
-its partial sums, and a tree of combine tasks reduces the partials to one small
-result that the client turns into new centres.
+Each Lloyd iteration is one pass over the data, shared by every model still
+running (a sweep over k, or restarts): their centres are sent to the workers
+once, every chunk task returns each model's labels (kept on its worker) and
+partial sums, and a tree of combine tasks reduces the partials to one small
+result per model that the client turns into new centres.
 """
 
 from __future__ import annotations
