@@ -217,7 +217,7 @@ def run(client, opts) -> dict:
         resume=opts["resume"],
     )
     fit_start = time.perf_counter()
-    _fit_with_clear_errors(model, X, client)
+    _fit_with_clear_errors(lambda: model.fit(X), client)
     fit_seconds = time.perf_counter() - fit_start
     train_clusters = np.asarray(model.labels_)
     mapping = centroid_labels(train_clusters, y, opts["k"])
@@ -331,18 +331,22 @@ def elbow(**opts):
             f"seed={opts['seed']}"
         )
         progress = _PassProgress()
-        points = sweep(
-            X,
-            opts["ks"],
-            opts["inits"],
-            y=data.train_labels,
-            X_test=client.compute(data.test_images, sync=True),
-            y_test=data.test_labels,
-            random_state=opts["seed"],
-            max_iter=opts["max_iter"],
-            tol=opts["tol"],
-            client=client,
-            callback=progress,
+        X_test = client.compute(data.test_images, sync=True)
+        points = _fit_with_clear_errors(
+            lambda: sweep(
+                X,
+                opts["ks"],
+                opts["inits"],
+                y=data.train_labels,
+                X_test=X_test,
+                y_test=data.test_labels,
+                random_state=opts["seed"],
+                max_iter=opts["max_iter"],
+                tol=opts["tol"],
+                client=client,
+                callback=progress,
+            ),
+            client,
         )
         progress.flush()
         fit_seconds = time.perf_counter() - progress.started
@@ -468,7 +472,7 @@ def reproduce(**opts):
                 )
                 for init, max_iter, tol in NOTEBOOK_RUNS
             ]
-            fit_many(models, X, client=client)
+            _fit_with_clear_errors(functools.partial(fit_many, models, X, client=client), client)
             progress.flush()
             seconds = time.perf_counter() - progress.started
             for model, (init, max_iter, tol) in zip(models, NOTEBOOK_RUNS):
@@ -565,13 +569,13 @@ def _echo_scores(scores: dict) -> None:
         )
 
 
-def _fit_with_clear_errors(model, X, client) -> None:
+def _fit_with_clear_errors(fit, client):
     """Fit; turn a corrupted chunk or a refused checkpoint into one clear message, and let a lost scheduler through."""
     from .checkpoint import CheckpointError
     from .data.store import StoreError
 
     try:
-        model.fit(X)
+        return fit()
     except (CheckpointError, StoreError) as exc:
         raise click.ClickException(_with_notes(exc)) from exc
     except Exception as exc:
