@@ -288,6 +288,7 @@ def _inits_option(ctx, param, value):
     "--k",
     "ks",
     default="5:20",
+    metavar="RANGE",
     callback=_ks_option,
     help="The ks to fit: START:STOP (inclusive), START:STOP:STEP, or a list like 10,20,64,256.",
 )
@@ -295,6 +296,7 @@ def _inits_option(ctx, param, value):
     "--init",
     "inits",
     default="sample,random",
+    metavar="NAMES",
     callback=_inits_option,
     help=f"Comma-separated initialisations, one elbow line each; from {', '.join(INIT_NAMES)}.",
 )
