@@ -52,6 +52,13 @@ def _scheduler_gone(client: Client, grace: float = 3.0) -> bool:
     return client.status != "running"
 
 
+def _drop_closed_comm(record: logging.LogRecord) -> bool:
+    """Logging filter: leave out errors that only say the scheduler's comm is closed."""
+    from distributed.comm.core import CommClosedError
+
+    return not (record.exc_info and isinstance(record.exc_info[1], CommClosedError))
+
+
 def _scheme(address: str) -> str:
     return address.split("://", 1)[0] if "://" in address else "tcp"
 
@@ -81,9 +88,10 @@ def remote_client(address: str, timeout: float, security: Security | None = None
         raise ClusterError(
             f"Could not connect to the Dask scheduler at {address} within {timeout:g} s: {exc}{hint}"
         ) from exc
-    # A lost scheduler makes the batched comm log its closure with a traceback before any error reaches
-    # us; the one-line error below says what happened.
+    # A lost scheduler makes the batched comm log its closure, and tornado any message still being sent,
+    # with a traceback before any error reaches us; the one-line error below says what happened.
     logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
+    logging.getLogger("tornado.application").addFilter(_drop_closed_comm)
     with client:
         try:
             client.wait_for_workers(1, timeout=timeout)
