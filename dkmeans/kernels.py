@@ -170,9 +170,9 @@ def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
     Small integers (MNIST's uint8) are summed as integers straight from the
     stored rows: exact, so bit for bit the float64 sums, at an eighth of the
-    memory traffic. Measured per cluster mask on MNIST rows, this beats
-    summing the float rows (2-4x), sorting plus np.add.reduceat (3-6x) and,
-    beyond k of about 20, a one-hot matrix product.
+    memory traffic. Measured on 2674-6000 rows of uint8 for k = 5..256, the
+    integer masks beat masks over the float rows (1.3-2x), sorting plus
+    np.add.reduceat (2-3x) and a one-hot matrix product (1.5-7x).
     """
     exact = chunk.dtype.kind in "ui" and chunk.dtype.itemsize <= 2
     accumulator = np.float64
