@@ -196,13 +196,15 @@ def run(client, opts) -> dict:
     click.echo(f"Fitting k={opts['k']} init={opts['init']} n_init={opts['n_init']} seed={opts['seed']}")
     if opts["resume"]:
         click.echo(f"Resuming from checkpoint {opts['checkpoint']}")
-    click.echo(f"{'iter':>5} {'J_clust':>14} {'shift':>12} {'seconds':>8}")
+    restarts = opts["n_init"] > 1 and opts["checkpoint"] is None  # restarts run side by side: label them
+    click.echo(("restart " if restarts else "") + f"{'iter':>5} {'J_clust':>14} {'shift':>12} {'seconds':>8}")
 
-    pass_seconds: list[float] = []
+    pass_seconds: dict[int, float] = {}  # one entry per pass over the data, however many restarts shared it
 
-    def progress(iteration, j_clust, shift, seconds):
-        pass_seconds.append(seconds)
-        click.echo(f"{iteration:>5} {j_clust:>14.2f} {shift:>12.6g} {seconds:>8.3f}")
+    def progress(iteration, j_clust, shift, seconds, restart=0):
+        pass_seconds[iteration if restarts else len(pass_seconds)] = seconds
+        line = f"{iteration:>5} {j_clust:>14.2f} {shift:>12.6g} {seconds:>8.3f}"
+        click.echo(f"{restart:>7} {line}" if restarts else line)
 
     model = KMeans(
         opts["k"],
@@ -242,7 +244,7 @@ def run(client, opts) -> dict:
         "confusion_matrix_axes": "rows: true digit, columns: predicted digit (majority label of the cluster)",
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
-        "median_seconds_per_iteration": float(np.median(pass_seconds)) if pass_seconds else None,
+        "median_seconds_per_iteration": float(np.median(list(pass_seconds.values()))) if pass_seconds else None,
         "data_persisted": bool(model.data_persisted_),
         "data_placement": "persisted" if model.data_persisted_ else "streamed",
         "data_bytes": int(X.nbytes),

@@ -25,7 +25,8 @@ class KMeans:
     (Euclidean distance, in the data's units). ``client`` is a
     ``distributed.Client``; by default the current one is used, or a temporary
     in-process cluster when there is none. ``callback(iteration, j_clust,
-    shift, seconds)`` is called after every iteration.
+    shift, seconds)`` is called after every iteration (with a ``restart=``
+    keyword too, if it takes one: n_init restarts run side by side).
 
     ``checkpoint`` (a file path) saves the fit's state after every update,
     atomically; with ``resume=True`` the fit continues from that file and
@@ -312,16 +313,33 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
 
 
 def _forward_progress(models, owners):
-    """Turn the engine's Iteration reports into each model's callback(iteration, j_clust, shift, seconds)."""
+    """Turn the engine's Iteration reports into each model's callback(iteration, j_clust, shift, seconds).
+
+    A callback that takes a ``restart`` keyword also learns which of the
+    model's n_init restarts (0, 1, ...) the report is about: they run together.
+    """
     if all(model.callback is None for model in models):
         return None
+    restart = [owners[:i].count(owner) for i, owner in enumerate(owners)]
+    wants_restart = {id(m.callback): "restart" in _parameters(m.callback) for m in models if m.callback is not None}
 
     def forward(it):
         callback = models[owners[it.model]].callback
-        if callback is not None:
+        if callback is None:
+            return
+        if wants_restart[id(callback)]:
+            callback(it.n_iter, it.loss, it.shift, it.seconds, restart=restart[it.model])
+        else:
             callback(it.n_iter, it.loss, it.shift, it.seconds)
 
     return forward
+
+
+def _parameters(func) -> set:
+    try:
+        return set(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return set()
 
 
 def _predict_block(block, centers):

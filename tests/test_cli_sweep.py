@@ -157,3 +157,30 @@ def test_reproduce_full_runs_the_same_fits_on_all_of_mnist(tmp_path, mnist_dir, 
         ("full", "60000", "sample", "2"),
         ("full", "60000", "random", "1"),
     ]
+
+
+def test_fit_labels_the_progress_of_restarts_that_run_together(tmp_path, mnist_dir, notebook_data, client):
+    """--n-init 3: the restarts share every pass, so each progress line says which restart it is about."""
+    from dkmeans.engine import chunk_data, lloyd
+    from dkmeans.seeding import init_centers
+
+    out = tmp_path / "out"
+    args = ["fit", "--k", "8", "--init", "random", "--n-init", "3", "--seed", "72", "--max-iter", "15", *SUBSAMPLE]
+    proc, _ = run_cli([*args, "--out", str(out), *LOCAL_ARGS], env_for(tmp_path, mnist_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "restart  iter" in proc.stdout
+    by_restart = {}
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and fields[0].isdigit():
+            by_restart.setdefault(int(fields[0]), []).append((int(fields[1]), fields[2]))
+    assert sorted(by_restart) == [0, 1, 2]
+    # each restart's lines are its own fit, iteration by iteration: replay each restart alone through the engine
+    data = chunk_data(client, notebook_data.train_images.compute(), 6000)
+    for restart, seed in enumerate(np.random.SeedSequence(72).spawn(3)):
+        lines = by_restart[restart]
+        assert [i for i, _ in lines] == list(range(len(lines)))
+        start = init_centers(client, data, 8, "random", np.random.default_rng(seed))
+        history = lloyd(client, data, start, 15, 1e-4).loss_history
+        assert [j for _, j in lines] == [f"{v:.2f}" for v in history[: len(lines)]]
+    assert json.loads((out / "metrics.json").read_text())["n_init"] == 3
