@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_sweep import assert_identical  # pytest puts tests/ on sys.path
 
 from dkmeans import KMeans
 from dkmeans.checkpoint import CheckpointError
@@ -44,14 +45,6 @@ def _crash_at(iteration):
     return callback
 
 
-def _same(a, b):
-    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
-    np.testing.assert_array_equal(a.labels_, b.labels_)
-    assert a.inertia_ == b.inertia_
-    assert a.n_iter_ == b.n_iter_
-    assert a.loss_history_ == b.loss_history_
-
-
 @pytest.fixture(scope="module")
 def reference(small, client):
     return _fit(small, client)
@@ -65,9 +58,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_fit(small, client, referen
     assert any(str(path) in note and "after 6 update(s)" in note for note in info.value.__notes__)
     assert [p.name for p in tmp_path.iterdir()] == ["fit.ckpt"]  # no temporary files left behind
     resumed = _fit(small, client, checkpoint=path, resume=True)
-    _same(resumed, reference)
+    assert_identical(resumed, reference)
     # the checkpoint of a finished fit resumes to the same result (one labelling pass)
-    _same(_fit(small, client, checkpoint=path, resume=True), reference)
+    assert_identical(_fit(small, client, checkpoint=path, resume=True), reference)
 
 
 def test_resume_with_restarts(small, client, tmp_path):
@@ -84,7 +77,7 @@ def test_resume_with_restarts(small, client, tmp_path):
     with pytest.raises(Crash) as info:
         _fit(small, client, checkpoint=path, callback=crash_in_second_restart, **params)
     assert any("restart 2 of 3, after 3 update(s)" in note for note in info.value.__notes__)
-    _same(_fit(small, client, checkpoint=path, resume=True, **params), reference)
+    assert_identical(_fit(small, client, checkpoint=path, resume=True, **params), reference)
 
 
 def test_checkpoint_without_a_seed_keeps_its_seeds(small, client, tmp_path):
@@ -93,7 +86,7 @@ def test_checkpoint_without_a_seed_keeps_its_seeds(small, client, tmp_path):
         _fit(small, client, random_state=None, n_init=2, max_iter=6, checkpoint=path, callback=_crash_at(4))
     first = _fit(small, client, random_state=None, n_init=2, max_iter=6, checkpoint=path, resume=True)
     again = _fit(small, client, random_state=None, n_init=2, max_iter=6, checkpoint=path, resume=True)
-    _same(first, again)
+    assert_identical(first, again)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_cli import run_cli  # pytest puts tests/ on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -201,19 +202,6 @@ def cli_env(tmp: Path, data_dir: Path) -> dict:
     return env
 
 
-def run_cli(args, env, timeout=300):
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [str(BIN / "dkmeans"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    return proc, time.perf_counter() - start
-
-
 def load_model(out: Path):
     metrics = json.loads((out / "metrics.json").read_text())
     with np.load(out / "model.npz") as z:
@@ -252,7 +240,7 @@ def remote_cli_fit(tcp_cluster, tmp_path_factory, mnist_dir):
     tmp = tmp_path_factory.mktemp("remote-fit")
     started = time.time()
     proc, elapsed = run_cli(
-        ["fit", *FULL_FIT, "--scheduler", info["address"], "--out", str(tmp / "out")], cli_env(tmp, mnist_dir)
+        ["fit", *FULL_FIT, "--scheduler", info["address"], "--out", str(tmp / "out")], cli_env(tmp, mnist_dir), 300
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc, tmp / "out", started, dashboard
@@ -434,7 +422,9 @@ def test_tls_cluster_serves_only_clients_with_its_certificate(certs, tmp_path, c
         # The CLI with the cluster's certificate fits, with progress, the workers reading a store given by URL.
         store = tmp_path / "object-store" / "mnist"
         flags = _tls_flags(certs / "cluster") + ["--store", f"file://{store}"]
-        proc, _ = run_cli(["fit", *SUBSAMPLE_FIT, "--scheduler", address, "--connect-timeout", "60", *flags], procs.env)
+        proc, _ = run_cli(
+            ["fit", *SUBSAMPLE_FIT, "--scheduler", address, "--connect-timeout", "60", *flags], procs.env, 300
+        )
         assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\n{procs.log('worker-tls0')}"
         assert (store / "manifest.json").is_file() and not (tmp_path / "cli-cache" / "mnist-store-v1").exists()
         assert "1 workers with 1 threads" in proc.stdout
@@ -474,7 +464,7 @@ def test_tls_cluster_serves_only_clients_with_its_certificate(certs, tmp_path, c
         ]
         for flags, target, message in cases:
             proc, elapsed = run_cli(
-                ["fit", *SUBSAMPLE_FIT, "--scheduler", target, "--connect-timeout", "3", *flags], procs.env
+                ["fit", *SUBSAMPLE_FIT, "--scheduler", target, "--connect-timeout", "3", *flags], procs.env, 300
             )
             assert proc.returncode != 0, (flags, target)
             assert message in proc.stderr, proc.stderr
