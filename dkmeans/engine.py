@@ -20,13 +20,16 @@ import dask
 import dask.array as da
 import numpy as np
 from dask import delayed
+from dask.core import flatten
 from dask.sizeof import sizeof
-from distributed import Client, Future
+from distributed import Client, Future, futures_of
 
-from . import kernels
+from . import kernels, worker_state
 
 # Partials combined per reduction task: a tree of depth log_8(chunks).
 SPLIT_EVERY = 8
+# Centres larger than this (times the chunks) go to the workers once, as a task, not inside every task.
+BROADCAST_BYTES = 1 << 20
 # Persist the data on the workers when it takes at most this share of their memory.
 PERSIST_MEMORY_FRACTION = 0.5
 # k-means|| settings (Bahmani et al. 2012): 5 rounds of oversampling ~2k rows each.
@@ -62,12 +65,19 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
             X = X.rechunk({1: -1})
         persisted = fits_in_memory(client, X.nbytes)
         log.debug(placement_message(client, X.nbytes, persisted))
-        keep = client.persist(X) if persisted else X
-        blocks = list(keep.to_delayed().ravel())
+        if persisted and chunk_rows is None:  # in memory, a few large chunks per thread cost the least per pass
+            X = X.rechunk({0: _default_chunk_rows(client, X.shape, X.dtype.itemsize)})
+        if persisted:
+            keep = client.persist(X)
+            by_key = {f.key: f for f in futures_of(keep)}
+            blocks = [by_key[key] for key in flatten(keep.__dask_keys__())]
+        else:
+            keep = X
+            blocks = list(keep.to_delayed().ravel())
         sizes = X.chunks[0]
     else:
         X = np.asarray(X)
-        rows = chunk_rows or _default_chunk_rows(client, X)
+        rows = chunk_rows or _default_chunk_rows(client, X.shape, X.itemsize)
         sizes = tuple(min(rows, X.shape[0] - s) for s in range(0, X.shape[0], rows))
         # hash=False: content-hashed keys would be shared with (and released by) an earlier fit of the same array.
         blocks = client.scatter([X[s : s + r] for s, r in zip(np.cumsum((0,) + sizes[:-1]), sizes)], hash=False)
@@ -76,10 +86,10 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
     return ChunkedData(blocks, offsets, int(X.shape[0]), int(X.shape[1]), X.dtype, persisted, keep)
 
 
-def _default_chunk_rows(client: Client, X: np.ndarray) -> int:
+def _default_chunk_rows(client: Client, shape, itemsize: int) -> int:
     threads = max(1, sum(client.nthreads().values()))
-    by_threads = math.ceil(X.shape[0] / (2 * threads))
-    by_bytes = max(1, (64 << 20) // max(1, X.itemsize * X.shape[1]))
+    by_threads = math.ceil(shape[0] / (2 * threads))
+    by_bytes = max(1, (64 << 20) // max(1, itemsize * shape[1]))
     return max(1, min(by_threads, by_bytes))
 
 
@@ -227,6 +237,7 @@ def lloyd(
     start_iter: int = 0,
     loss_history: list[float] | None = None,
     on_update: Callable | None = None,
+    bounds: bool = True,
 ) -> LloydResult:
     """Lloyd iterations, one pass over the data each, until every centre moves less than tol.
 
@@ -250,7 +261,7 @@ def lloyd(
             on_update(it.n_iter + 1, it.centers, it.loss_history)
 
     start = [(start_iter, loss_history or [])]
-    return lloyd_many(client, data, [centers], [max_iter], [tol], report, start=start)[0]
+    return lloyd_many(client, data, [centers], [max_iter], [tol], report, start=start, bounds=bounds)[0]
 
 
 def lloyd_many(
@@ -262,77 +273,191 @@ def lloyd_many(
     callback: Callable | None = None,
     *,
     start: list[tuple[int, list[float]]] | None = None,
+    bounds: bool = True,
 ) -> list[LloydResult]:
     """Several independent Lloyd fits (a sweep over k, or restarts) sharing every pass over the data.
 
     Each pass reads every chunk once and assigns it for all models still
     running; a model that stops drops out of later passes. Each model's result
     is identical to what ``lloyd`` gives it alone. ``start`` gives each model's
-    (updates so far, loss history) when resuming.
+    (updates so far, loss history) when resuming. With ``bounds``, rows whose
+    Yinyang bounds show that their centre cannot change are not recomputed
+    (the same labels and centres, fewer distances).
     """
     start = start or [(0, [])] * len(centers)
     runs = [
         _Run(np.asarray(c, dtype=np.float64), m, t, n, list(losses))
         for c, m, t, (n, losses) in zip(centers, max_iter, tol, start, strict=True)
     ]
-    while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
-        began = time.perf_counter()
-        labels_parts, stats = lloyd_pass(client, data, [r.centers for _, r in active])
-        far_rows = _relocation_rows(client, data, stats)
-        seconds = time.perf_counter() - began
-        finished = []
-        for slot, ((index, run), st, rows) in enumerate(zip(active, stats, far_rows)):
-            run.losses.append(st.inertia / data.n_samples)
-            new_centers = kernels.update_centers(st, run.centers, rows)
-            shift = float(np.sqrt(((new_centers - run.centers) ** 2).sum(axis=1)).max())
-            done_iter = None
-            if shift == 0.0 and run.n_iter < run.max_iter:
-                done_iter = run.n_iter + 1  # the update was a no-op: count it, as scikit-learn does
-            elif shift < run.tol or run.n_iter >= run.max_iter:
-                done_iter = run.n_iter
-            if callback is not None:
-                loss, goes_on = run.losses[-1], done_iter is None
-                callback(Iteration(index, run.n_iter, loss, shift, seconds, new_centers, goes_on, run.losses))
-            if done_iter is None:
-                run.centers = new_centers
-                run.n_iter += 1
-            else:
-                if done_iter > run.n_iter:
-                    run.losses.append(run.losses[-1])
-                run.result = LloydResult(run.centers, None, st.inertia, done_iter, run.losses)
-                finished.append((run, slot))
-        if finished:
-            picks = [client.submit(_pick, part, slot, pure=False) for _, slot in finished for part in labels_parts]
-            labels = client.gather(picks)
-            for i, (run, _) in enumerate(finished):
-                parts = labels[i * data.n_chunks : (i + 1) * data.n_chunks]
-                run.result.labels = np.concatenate(parts).astype(np.int64)
+    fit = _tag("fit")
+    try:
+        while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
+            began = time.perf_counter()
+            ids = tuple(i for i, _ in active)
+            stats, parts = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds)
+            far_rows = _relocation_rows(client, data, stats, [r.centers for _, r in active], ids, fit)
+            seconds = time.perf_counter() - began
+            finished = []
+            for (index, run), st, rows in zip(active, stats, far_rows):
+                inertia = kernels.inertia(st, run.centers)
+                run.losses.append(inertia / data.n_samples)
+                new_centers = kernels.update_centers(st, run.centers, rows)
+                shift = float(np.sqrt(((new_centers - run.centers) ** 2).sum(axis=1)).max())
+                done_iter = None
+                if shift == 0.0 and run.n_iter < run.max_iter:
+                    done_iter = run.n_iter + 1  # the update was a no-op: count it, as scikit-learn does
+                elif shift < run.tol or run.n_iter >= run.max_iter:
+                    done_iter = run.n_iter
+                if callback is not None:
+                    loss, goes_on = run.losses[-1], done_iter is None
+                    callback(Iteration(index, run.n_iter, loss, shift, seconds, new_centers, goes_on, run.losses))
+                if done_iter is None:
+                    run.centers = new_centers
+                    run.n_iter += 1
+                else:
+                    if done_iter > run.n_iter:
+                        run.losses.append(run.losses[-1])
+                    run.result = LloydResult(run.centers, None, inertia, done_iter, run.losses)
+                    finished.append((index, run))
+            for index, run in finished:
+                run.result.labels = _final_labels(client, data, parts, run.centers, fit, index)
+    finally:
+        _forget(client, fit)
     return [r.result for r in runs]
 
 
-def _pick(items, index):
-    return items[index]
+def _forget(client: Client, fit: str) -> None:
+    """Free the workers' memory of a fit; a cluster that is gone has nothing left to free."""
+    try:
+        client.run(worker_state.forget, fit)
+    except Exception as exc:  # the fit's own error (a lost cluster) is the one worth reporting
+        log.debug("could not clear worker state of %s: %s", fit, exc)
 
 
-def _relocation_rows(client: Client, data: ChunkedData, stats: list) -> list:
-    """For each model with empty clusters, its farthest rows (one fetch for all models); None for the others."""
-    wanted = [st.far_index[: int(np.count_nonzero(st.counts == 0))] for st in stats]
-    if not any(w.size for w in wanted):
+def _relocation_rows(client: Client, data: ChunkedData, stats: list, centers: list, ids: tuple, fit: str) -> list:
+    """For each model with empty clusters, its farthest rows (one extra pass and fetch); None for the others.
+
+    The extra pass runs only for those models, over the assignment the pass
+    just made (remembered on the workers, or recomputed), asking for their k
+    farthest rows; their stats replace the ones without.
+    """
+    empty = [slot for slot, st in enumerate(stats) if (st.counts == 0).any()]
+    if not empty:
         return [None] * len(stats)
+    with_far, _ = lloyd_pass(
+        client, data, [centers[s] for s in empty], tuple(ids[s] for s in empty), fit, far=True, bounds=False
+    )
+    for slot, st in zip(empty, with_far):
+        stats[slot] = st
+    wanted = [st.far_index[: int(np.count_nonzero(st.counts == 0))] for st in with_far]
     rows = fetch_rows(client, data, np.concatenate(wanted))
-    bounds = np.cumsum([0] + [w.size for w in wanted])
-    return [rows[a:b] if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
+    edges = np.cumsum([0] + [w.size for w in wanted])
+    out = [None] * len(stats)
+    for slot, a, b in zip(empty, edges[:-1], edges[1:]):
+        out[slot] = rows[a:b]
+    return out
 
 
-def lloyd_pass(client: Client, data: ChunkedData, centers: list[np.ndarray]):
-    """Map lloyd_chunk_many over the chunks, tree-reduce the partials; labels stay on the workers.
+def lloyd_pass(
+    client: Client, data: ChunkedData, centers: list[np.ndarray], ids: tuple, fit: str, *, far=False, bounds=True
+) -> tuple[list[kernels.ChunkStats], list[Future]]:
+    """Map the Lloyd chunk step over the chunks and reduce the partials: the stats of each model.
 
-    Returns one labels future per chunk (holding every model's labels) and the
-    reduced ChunkStats of each model.
+    ``ids`` name the models in the workers' memory of ``fit`` (worker_state):
+    each chunk task starts from its last assignment there when it has one.
+    With ``far``, each model also gets its k farthest rows (for relocation).
+    Also returns the chunk tasks' futures: later tasks that depend on them
+    run where the pass left its assignments.
     """
     sizes = tuple(c.shape[0] for c in centers)
-    stacked = broadcast(client, np.concatenate(centers))
-    passes = map_chunks(data, kernels.lloyd_chunk_many, stacked, sizes, sizes, name="assign", nout=2)
-    total = tree_reduce([p[1] for p in passes], kernels.combine_stats_many, sizes, name="reduce")
-    futures = client.compute([p[0] for p in passes] + [total])
-    return futures[:-1], futures[-1].result()
+    n_far = sizes if far else (0,) * len(sizes)
+    stacked = np.concatenate(centers)
+    if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
+        stacked = broadcast(client, stacked)
+    parts = map_chunk_futures(client, data, _lloyd_task, stacked, sizes, n_far, ids, fit, bounds, name="assign")
+    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce"), parts
+
+
+def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, *, offset, index):
+    norms = worker_state.get((fit, index, "norms"))
+    if norms is None or norms.sq.shape[0] != block.shape[0]:
+        norms = kernels.chunk_norms(block, offset)
+        worker_state.put((fit, index, "norms"), norms)
+    states = [worker_state.get((fit, index, m)) for m in ids]
+    new_states, stats = kernels.lloyd_chunk_many(
+        block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
+    )
+    for m, state in zip(ids, new_states):
+        worker_state.put((fit, index, m), state)
+    return stats
+
+
+def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=None) -> list[np.ndarray]:
+    """Every row's nearest centre, one int32 array per chunk (of ``chunks`` only, when given)."""
+    chunks = range(data.n_chunks) if chunks is None else chunks
+    tag = _tag("labels")
+    parts = [
+        delayed(kernels.labels_of, pure=False)(data.blocks[i], centers, data.offsets[i], dask_key_name=(tag, i))
+        for i in chunks
+    ]
+    return client.gather(client.compute(parts))
+
+
+def _final_labels(client: Client, data: ChunkedData, parts: list[Future], centers, fit: str, model: int):
+    """A finished model's labels: those its last pass left on the workers, without reading the data again.
+
+    Each task depends on its chunk's task of that pass, so it runs on the
+    worker that holds the assignment; the chunks whose assignment is gone
+    (evicted, or a worker lost since) are labelled again from the data.
+    """
+    tag = _tag("labels")
+    found = client.gather(
+        [
+            client.submit(_remembered_labels, part, centers, fit, model, i, key=(tag, i), pure=False)
+            for i, part in enumerate(parts)
+        ]
+    )
+    missing = [i for i, labels in enumerate(found) if labels is None]
+    if missing:
+        for i, labels in zip(missing, chunk_labels(client, data, centers, missing)):
+            found[i] = labels
+    return np.concatenate(found).astype(np.int64)
+
+
+def _remembered_labels(_pass_stats, centers, fit, model, index):
+    state = worker_state.get((fit, index, model))
+    if state is not None and np.array_equal(state.centers, centers):
+        return state.labels
+    return None
+
+
+def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str) -> list[Future]:
+    """One task per chunk, submitted now: func(block, *args, offset=..., index=...).
+
+    Persisted chunks are futures and take a plain submit (the cheapest way to
+    the scheduler); streamed chunks are graphs that load them, sent along.
+    """
+    tag = _tag(name)
+    if all(isinstance(b, Future) for b in data.blocks):
+        return [
+            client.submit(func, block, *args, offset=offset, index=i, key=(tag, i), pure=False)
+            for i, (block, offset) in enumerate(zip(data.blocks, data.offsets))
+        ]
+    tasks = [
+        delayed(func, pure=False)(block, *args, offset=offset, index=i, dask_key_name=(tag, i))
+        for i, (block, offset) in enumerate(zip(data.blocks, data.offsets))
+    ]
+    return client.compute(tasks)
+
+
+def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str):
+    """Combine partials on the cluster in groups of SPLIT_EVERY, the last group on the client."""
+    tag = _tag(name)
+    level = 0
+    while len(parts) > SPLIT_EVERY:
+        parts = [
+            client.submit(combine, parts[i : i + SPLIT_EVERY], *args, key=(tag, level, i), pure=False)
+            for i in range(0, len(parts), SPLIT_EVERY)
+        ]
+        level += 1
+    return combine(client.gather(parts), *args)

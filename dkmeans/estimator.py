@@ -13,8 +13,10 @@ from distributed import Client, LocalCluster, get_client, span
 
 from . import kernels
 from .checkpoint import BestRun, Checkpoint, CheckpointError, FitState, data_fingerprint
-from .engine import LloydResult, chunk_data, lloyd, lloyd_many, lloyd_pass
+from .engine import LloydResult, chunk_data, chunk_labels, lloyd, lloyd_many
 from .seeding import INIT_NAMES, init_centers
+
+ALGORITHMS = ("auto", "yinyang", "lloyd")
 
 
 class KMeans:
@@ -27,6 +29,14 @@ class KMeans:
     in-process cluster when there is none. ``callback(iteration, j_clust,
     shift, seconds)`` is called after every iteration (with a ``restart=``
     keyword too, if it takes one: n_init restarts run side by side).
+
+    ``algorithm`` is ``"yinyang"`` (also ``"auto"``, the default): each
+    chunk's Yinyang bounds stay on its worker between iterations, and rows
+    whose bounds show their centre cannot change are not recomputed; or
+    ``"lloyd"``, every distance every iteration. Both give the same labels and
+    centres, iteration by iteration.
+    Labels are the float64 nearest centres either way: distances are ranked
+    in float32 and the rare rows too close to call are recomputed in float64.
 
     ``checkpoint`` (a file path) saves the fit's state after every update,
     atomically; with ``resume=True`` the fit continues from that file and
@@ -54,6 +64,7 @@ class KMeans:
         callback=None,
         checkpoint=None,
         resume: bool = False,
+        algorithm: str = "auto",
     ):
         self.n_clusters = n_clusters
         self.init = init
@@ -66,6 +77,7 @@ class KMeans:
         self.callback = callback
         self.checkpoint = checkpoint
         self.resume = resume
+        self.algorithm = algorithm
 
     # -- scikit-learn plumbing -----------------------------------------------------
 
@@ -169,14 +181,14 @@ class KMeans:
                 start_iter=start,
                 loss_history=losses,
                 on_update=lambda n, c, lo, r=restart: save(r, n, c, lo),
+                bounds=self.algorithm != "lloyd",
             )
             if best is None or result.inertia < best.inertia:
                 best, best_restart = result, restart
             save(restart + 1, 0, None, [])
         if best.labels is None:
             # The best restart finished before a resume: its labels are one pass over its centres away.
-            labels_parts, _ = lloyd_pass(client, data, [best.centers])
-            best.labels = np.concatenate([part[0] for part in client.gather(labels_parts)]).astype(np.int64)
+            best.labels = np.concatenate(chunk_labels(client, data, best.centers)).astype(np.int64)
         return best
 
     def _open_checkpoint(self, X, init):
@@ -202,7 +214,7 @@ class KMeans:
         X = self._check_fitted_input(X)
         if isinstance(X, da.Array):
             return X.map_blocks(_predict_block, self.cluster_centers_, drop_axis=1, dtype=np.int64)
-        return kernels.assign(X, self.cluster_centers_)[0].astype(np.int64)
+        return kernels.labels_of(X, self.cluster_centers_).astype(np.int64)
 
     def transform(self, X):
         """Euclidean distance of each row to every centre."""
@@ -237,6 +249,8 @@ class KMeans:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"Unknown algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
         if self.chunk_rows is not None and (not isinstance(self.chunk_rows, numbers.Integral) or self.chunk_rows < 1):
             raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {self.chunk_rows!r}")
         if isinstance(self.init, str):
@@ -283,6 +297,9 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
     chunk_rows = {model.chunk_rows for model in models}
     if len(chunk_rows) > 1:
         raise ValueError(f"Models fitted together must share chunk_rows, got {sorted(chunk_rows, key=str)}")
+    bounds = {model.algorithm != "lloyd" for model in models}
+    if len(bounds) > 1:
+        raise ValueError("Models fitted together must all use algorithm='lloyd' or all use bounds")
     seeds = [_restart_seeds(m.random_state, m.n_init if isinstance(i, str) else 1) for m, i in zip(models, inits)]
     owners = [i for i, s in enumerate(seeds) for _ in s]
     # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
@@ -302,6 +319,7 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
             [models[i].max_iter for i in owners],
             [models[i].tol for i in owners],
             callback=_forward_progress(models, owners),
+            bounds=bounds.pop(),
         )
         persisted = data.persisted
         del data
@@ -343,7 +361,7 @@ def _parameters(func) -> set:
 
 
 def _predict_block(block, centers):
-    return kernels.assign(block, centers)[0].astype(np.int64)
+    return kernels.labels_of(block, centers).astype(np.int64)
 
 
 def _check_data(X):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import screening
+
 # Upper bound on the number of float elements in one (rows x k) distance tile
 # or (rows x d) converted tile: 2**19 float64 values are 4 MiB, small enough to
 # stay in cache while several models' products read the same converted tile.
@@ -129,10 +131,10 @@ def _assign_tiles_many(chunk, centers, sizes, offset):
 class ChunkStats:
     """What one chunk contributes to a Lloyd update; partials combine by addition."""
 
-    sums: np.ndarray  # (k, d) float64 per-cluster sums of the rows
+    sums: np.ndarray  # (k, d) per-cluster sums of the rows: int64 (exact) for whole-number rows, else float64
     counts: np.ndarray  # (k,) int64 rows per cluster
-    inertia: float  # sum of squared distances to the nearest centre
-    far_d2: np.ndarray  # the chunk's largest squared distances, descending
+    sq_total: float  # sum of the rows' squared norms (exact for whole numbers)
+    far_d2: np.ndarray  # the chunk's largest squared distances, descending (only when asked for)
     far_index: np.ndarray  # their global row indices
     far_label: np.ndarray  # the clusters those rows are assigned to
 
@@ -141,28 +143,110 @@ def lloyd_chunk(chunk: np.ndarray, centers: np.ndarray, n_far: int, offset: int 
     """One Lloyd pass over one chunk: labels plus the partial sums for the update.
 
     ``n_far`` farthest rows (by distance to their own centre) are kept so the
-    reduction can relocate empty clusters without another pass over the data.
+    reduction can relocate empty clusters; the engine asks for them only in
+    the rare pass that leaves a cluster empty.
     """
-    labels, stats = lloyd_chunk_many(chunk, centers, (centers.shape[0],), (n_far,), offset)
-    return labels[0], stats[0]
+    states, stats = lloyd_chunk_many(chunk, centers, (centers.shape[0],), (n_far,), offset)
+    return states[0].labels, stats[0]
 
 
-def lloyd_chunk_many(chunk: np.ndarray, centers: np.ndarray, sizes, n_far, offset: int = 0):
-    """lloyd_chunk for several models at once (a sweep over k, or restarts): one read of the chunk for all.
+def chunk_norms(chunk: np.ndarray, offset: int = 0) -> screening.RowNorms:
+    """The chunk's row norms, checking float rows for NaN and infinity on the way."""
+    tile = max(1, TILE_ELEMENTS // max(1, chunk.shape[1]))
+    return screening.row_norms(chunk, tile, lambda x, sq, start: check_finite(x, sq, offset + start))
+
+
+def lloyd_chunk_many(
+    chunk: np.ndarray,
+    centers: np.ndarray,
+    sizes,
+    n_far,
+    offset: int = 0,
+    *,
+    norms: screening.RowNorms | None = None,
+    states=None,
+    bounds: bool = False,
+):
+    """lloyd_chunk for several models at once (a sweep over k, or restarts), and from a previous pass.
 
     ``centers`` stacks the models' centres, ``sizes[m]`` of them for model m,
-    which keeps ``n_far[m]`` farthest rows. Returns per-model lists of labels
-    and ChunkStats.
+    which keeps ``n_far[m]`` farthest rows. ``states[m]`` is model m's
+    ModelState from an earlier pass over this chunk (or None): with
+    ``bounds``, rows its Yinyang bounds settle are not recomputed; whole-number
+    rows update its exact sums by the rows that changed cluster. Neither
+    changes the result, only its cost. Returns per-model new ModelStates and
+    ChunkStats.
     """
-    labels, min_d2 = _assign_tiles_many(chunk, centers, sizes, offset)
-    stats = []
+    if norms is None:
+        norms = chunk_norms(chunk, offset)
+    states = states or [None] * len(sizes)
+    edges = np.cumsum((0,) + tuple(sizes))
+    new_states, stats = [], []
     for m, k in enumerate(sizes):
-        sums = cluster_sums(chunk, labels[m], k)
-        counts = np.bincount(labels[m], minlength=k).astype(np.int64)
-        far_d2, far_index = farthest(min_d2[m], n_far[m], offset)
-        far_label = labels[m][far_index - offset].astype(np.int64)
-        stats.append(ChunkStats(sums, counts, float(min_d2[m].sum()), far_d2, far_index, far_label))
-    return labels, stats
+        model = screening.prepare(centers[edges[m] : edges[m + 1]], norms.screen)
+        tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], k))
+        state = states[m]
+        if state is not None and (state.labels.shape[0] != chunk.shape[0] or state.centers.shape != model.c64.shape):
+            state = None
+        if state is not None and np.array_equal(state.centers, model.c64):
+            labels, upper, lower = state.labels, state.upper, state.lower  # the same centres: the same assignment
+        elif state is not None and bounds:
+            labels, upper, lower, _ = screening.bounded_pass(chunk, norms, model, state, tile)
+        else:
+            labels, upper, lower = screening.assign_rows(chunk, norms, model, tile)
+        sums = _sums_from(chunk, norms, labels, k, state)
+        counts = np.bincount(labels, minlength=k).astype(np.int64)
+        if n_far[m]:
+            d2 = own_sq_distances(chunk, norms, model.c64, labels)
+            far_d2, far_index = farthest(d2, n_far[m], offset)
+            far_label = labels[far_index - offset].astype(np.int64)
+        else:
+            far_d2, far_index, far_label = np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        new_states.append(screening.ModelState(model.c64, labels, upper, lower, sums if norms.integral else None))
+        stats.append(ChunkStats(sums, counts, norms.total, far_d2, far_index, far_label))
+    return new_states, stats
+
+
+def _float32_up(x: np.ndarray) -> np.ndarray:
+    """x in float32 (half the memory on the workers), rounded up: still an upper bound."""
+    return np.nextafter(x.astype(np.float32), np.float32(np.inf))
+
+
+def _float32_down(x: np.ndarray) -> np.ndarray:
+    return np.nextafter(x.astype(np.float32), np.float32(-np.inf))
+
+
+def _sums_from(chunk, norms, labels, k, state) -> np.ndarray:
+    """Per-cluster sums; for whole-number rows, the previous exact sums moved by the rows that changed cluster."""
+    if not norms.integral:
+        return cluster_sums(chunk, labels, k)
+    if state is not None and state.sums is not None:
+        changed = np.flatnonzero(labels != state.labels)
+        if changed.size * 4 < labels.size:
+            moved = chunk[changed]
+            sums = state.sums + cluster_sums(moved, labels[changed], k).astype(np.int64)
+            sums -= cluster_sums(moved, state.labels[changed], k).astype(np.int64)
+            return sums
+    return cluster_sums(chunk, labels, k).astype(np.int64)
+
+
+def own_sq_distances(chunk: np.ndarray, norms: screening.RowNorms, centers: np.ndarray, labels) -> np.ndarray:
+    """float64 squared distance of every row to its own centre, clipped at zero."""
+    out = np.empty(chunk.shape[0])
+    c_sq = np.einsum("ij,ij->i", centers, centers)
+    for rows in row_tiles(chunk.shape[0], chunk.shape[1]):
+        x = chunk[rows].astype(np.float64)
+        own = labels[rows]
+        out[rows] = norms.sq[rows] - 2 * np.einsum("ij,ij->i", x, centers[own]) + c_sq[own]
+    return np.maximum(out, 0.0, out=out)
+
+
+def labels_of(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Nearest centre of every row (the float64 argmin, lowest index on ties), screened in float32."""
+    norms = chunk_norms(chunk, offset)
+    model = screening.prepare(centers, norms.screen)
+    tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], centers.shape[0]))
+    return screening.assign_rows(chunk, norms, model, tile)[0]
 
 
 def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -209,11 +293,22 @@ def combine_stats(parts: list[ChunkStats], n_far: int) -> ChunkStats:
     return ChunkStats(
         sums=np.sum([p.sums for p in parts], axis=0),
         counts=np.sum([p.counts for p in parts], axis=0),
-        inertia=float(sum(p.inertia for p in parts)),
+        sq_total=float(sum(p.sq_total for p in parts)),
         far_d2=far_d2[order],
         far_index=far_index[order],
         far_label=far_label[order],
     )
+
+
+def inertia(stats: ChunkStats, centers: np.ndarray) -> float:
+    """Sum of squared distances to the assigned centres: sum |x|^2 - 2 sum_j c_j.S_j + sum_j n_j |c_j|^2.
+
+    From the totals, not per chunk: for whole-number rows every total is an
+    exact integer, so the inertia does not depend on how the rows are chunked.
+    """
+    c = np.asarray(centers, dtype=np.float64)
+    cross = np.einsum("ij,ij->", c, stats.sums.astype(np.float64))
+    return max(0.0, float(stats.sq_total - 2 * cross + stats.counts @ np.einsum("ij,ij->i", c, c)))
 
 
 def combine_stats_many(parts: list[list[ChunkStats]], n_far) -> list[ChunkStats]:
@@ -228,7 +323,7 @@ def update_centers(stats: ChunkStats, old_centers: np.ndarray, far_rows: np.ndar
     assigned to, so every row still counts once. ``far_rows`` holds the rows of
     ``stats.far_index`` (fetched only when some cluster is empty).
     """
-    sums = stats.sums.copy()
+    sums = stats.sums.astype(np.float64)  # int64 sums of whole numbers are exact in float64 too
     counts = stats.counts.copy()
     empty = np.flatnonzero(counts == 0)
     if empty.size:

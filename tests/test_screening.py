@@ -1,0 +1,138 @@
+"""Tests for dkmeans.screening: float32-screened labels equal the float64 ones, and the bounds are bounds.
+
+The oracle is plain numpy: squared distances by direct differences in
+float64, and their argmin.
+"""
+
+import numpy as np
+import pytest
+
+from dkmeans import kernels, screening
+
+
+def ref_sq_distances(x, c):
+    x = np.asarray(x, dtype=np.float64)
+    return ((x[:, None, :] - np.asarray(c, dtype=np.float64)[None, :, :]) ** 2).sum(axis=2)
+
+
+@pytest.fixture(scope="module")
+def rows(mnist_numpy):
+    X, _ = mnist_numpy
+    return np.ascontiguousarray(X[7000:9001])
+
+
+def centres_of(X, k, seed):
+    """Means of random groups of rows: realistic, non-integer centres."""
+    idx = np.random.default_rng(seed).choice(len(X), size=(k, 5), replace=False)
+    return X[idx].astype(np.float64).mean(axis=1)
+
+
+def check_bounds(x, centers, labels, upper, lower):
+    """upper >= distance to the own centre, lower[:, g] <= distance to every other centre of group g."""
+    d = np.sqrt(ref_sq_distances(x, centers))
+    at = np.arange(len(x))
+    assert (upper >= d[at, labels] * (1 - 1e-12)).all()
+    starts = screening.group_starts(centers.shape[0])
+    d[at, labels] = np.inf
+    group_min = np.minimum.reduceat(d, starts, axis=1)
+    assert (lower <= group_min * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 10, 64, 200])
+@pytest.mark.parametrize("form", ["uint8", "float32", "float64-shifted"])
+def test_screened_labels_are_the_float64_argmin(rows, mnist_numpy, k, form):
+    X, _ = mnist_numpy
+    centers = centres_of(X, k, seed=k)
+    x = rows
+    if form == "float32":
+        x, centers = (rows / 255).astype(np.float32), centers / 255
+    elif form == "float64-shifted":  # an offset far from zero: the error bound must scale with the norms
+        x, centers = rows + 1e4, centers + 1e4
+    norms = kernels.chunk_norms(x)
+    model = screening.prepare(centers, norms.screen)
+    labels, upper, lower = screening.assign_rows(x, norms, model, tile_rows=256)
+    np.testing.assert_array_equal(labels, ref_sq_distances(x, centers).argmin(axis=1))
+    check_bounds(x, centers, labels, upper, lower)
+
+
+def test_ties_go_to_the_lowest_index_as_in_float64():
+    """Rows exactly halfway between two centres (and duplicate centres) are too close to call in float32."""
+    c = np.array([[0.0, 0.0], [2.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
+    x = np.array([[1.0, 0.0], [1.0, 5.0], [2.0, 0.0], [3.0, 1.0], [6.0, 5.0]])
+    norms = kernels.chunk_norms(x)
+    labels, _, _ = screening.assign_rows(x, norms, screening.prepare(c, norms.screen), tile_rows=2)
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1, 1])
+
+
+def test_near_ties_are_settled_in_float64(rows):
+    """A centre moved a hair (below float32 resolution) from the midpoint still decides as float64 does."""
+    a, b = rows[0].astype(np.float64), rows[1].astype(np.float64)
+    mid = (a + b) / 2
+    for eps in (1e-7, -1e-7):
+        x = mid[None, :]
+        c = np.stack([a, b + eps])  # |x - b'| differs from |x - a| in the 7th significant digit or below
+        norms = kernels.chunk_norms(x)
+        labels, _, _ = screening.assign_rows(x, norms, screening.prepare(c, norms.screen), tile_rows=1)
+        assert labels[0] == ref_sq_distances(x, c).argmin(axis=1)[0]
+
+
+def test_huge_values_are_screened_in_float64():
+    x = np.array([[1e17, 0.0], [0.0, 1e17], [5e16, 5e16 + 1e6]])
+    norms = kernels.chunk_norms(x)
+    assert norms.screen == np.float64
+    c = np.array([[1e17, 0.0], [0.0, 1e17]])
+    labels, _, _ = screening.assign_rows(x, norms, screening.prepare(c, norms.screen), tile_rows=8)
+    np.testing.assert_array_equal(labels, ref_sq_distances(x, c).argmin(axis=1))
+
+
+@pytest.mark.parametrize("k", [10, 64])
+def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, mnist_numpy, k):
+    """Ten Lloyd iterations: with bounds, every pass has the brute-force labels and sums, with fewer distances."""
+    X, _ = mnist_numpy
+    centers = X[np.random.default_rng(k).choice(len(X), k, replace=False)].astype(np.float64)
+    norms = kernels.chunk_norms(rows)
+    state, recomputed = None, []
+    real = screening.bounded_pass
+
+    def counting(*args):
+        out = real(*args)
+        recomputed.append(out[3])
+        return out
+
+    for _ in range(10):
+        brute_states, brute = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms)
+        screening.bounded_pass = counting
+        try:
+            states, fast = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
+        finally:
+            screening.bounded_pass = real
+        np.testing.assert_array_equal(states[0].labels, ref_sq_distances(rows, centers).argmin(axis=1))
+        np.testing.assert_array_equal(states[0].labels, brute_states[0].labels)
+        np.testing.assert_array_equal(fast[0].sums, brute[0].sums)  # incremental exact sums = full sums
+        np.testing.assert_array_equal(fast[0].counts, brute[0].counts)
+        assert fast[0].sq_total == brute[0].sq_total
+        check_bounds(rows, centers, states[0].labels, states[0].upper, states[0].lower)
+        state = states[0]
+        centers = kernels.update_centers(fast[0], centers)
+    assert len(recomputed) == 9  # every pass after the first used the bounds
+    assert recomputed[-1] < len(rows) / 2, recomputed  # and they spared most rows by the end
+
+
+def test_state_for_other_centres_shape_is_ignored(rows, mnist_numpy):
+    """A state of another model size (or chunk) is not used: the pass starts from scratch."""
+    X, _ = mnist_numpy
+    c5, c6 = centres_of(X, 5, 1), centres_of(X, 6, 2)
+    states, _ = kernels.lloyd_chunk_many(rows, c5, (5,), (0,))
+    again, _ = kernels.lloyd_chunk_many(rows, c6, (6,), (0,), states=states, bounds=True)
+    np.testing.assert_array_equal(again[0].labels, ref_sq_distances(rows, c6).argmin(axis=1))
+
+
+def test_float_rows_with_fractions_are_summed_in_float64(rows):
+    x = rows[:500] / 7.0
+    norms = kernels.chunk_norms(x)
+    assert not norms.integral
+    c = x[:3].copy()
+    _, stats = kernels.lloyd_chunk_many(x, c, (3,), (0,), norms=norms)
+    assert stats[0].sums.dtype == np.float64
+    labels = ref_sq_distances(x, c).argmin(axis=1)
+    np.testing.assert_allclose(stats[0].sums, [x[labels == j].sum(axis=0) for j in range(3)], rtol=1e-12)
