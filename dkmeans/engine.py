@@ -64,7 +64,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
         persisted = fits_in_memory(client, X.nbytes)
-        log.debug(placement_message(client, X.nbytes, persisted))
+        log.debug(placement_message(client, X.nbytes, persisted, regrouped=chunk_rows is None))
         if persisted and chunk_rows is None:  # in memory, a few large chunks per thread cost the least per pass
             X = X.rechunk({0: _default_chunk_rows(client, X.shape, X.dtype.itemsize)})
         if persisted:
@@ -100,13 +100,14 @@ def fits_in_memory(client: Client, nbytes: int) -> bool:
     return nbytes <= PERSIST_MEMORY_FRACTION * sum(limits)
 
 
-def placement_message(client: Client, nbytes: int, persisted: bool) -> str:
+def placement_message(client: Client, nbytes: int, persisted: bool, regrouped: bool = True) -> str:
     """One line saying whether the data is kept in worker memory or streamed, and why."""
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
     total = sum(limits) if limits and all(limits) else None
     budget = "no worker memory limit" if total is None else f"{PERSIST_MEMORY_FRACTION:.0%} of {total / 1e6:,.0f} MB"
     if persisted:
-        return f"data: persisted in worker memory ({nbytes / 1e6:,.1f} MB fits in {budget})"
+        how = ", regrouped into two chunks per worker thread" if regrouped else ""
+        return f"data: persisted in worker memory ({nbytes / 1e6:,.1f} MB fits in {budget}){how}"
     return f"data: streamed from storage every iteration ({nbytes / 1e6:,.1f} MB exceeds {budget})"
 
 

@@ -1,0 +1,60 @@
+"""Tests for dkmeans.worker_state: the per-worker memory of a fit between passes, and its memory budget."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from dkmeans import worker_state
+
+
+@dataclass
+class Entry:
+    values: np.ndarray
+
+
+@pytest.fixture
+def budget_of_4_kb(monkeypatch):
+    monkeypatch.setattr(worker_state, "_budget", lambda: 4096)
+    for fit in {key[0] for key in list(worker_state._entries)}:
+        worker_state.forget(fit)
+    yield
+    for fit in {key[0] for key in list(worker_state._entries)}:
+        worker_state.forget(fit)
+
+
+def kb(n=1):
+    return Entry(np.zeros(128 * n))  # 1 kB per n
+
+
+def test_get_put_forget(budget_of_4_kb):
+    a = kb()
+    worker_state.put(("fit-a", 0, 1), a)
+    assert worker_state.get(("fit-a", 0, 1)) is a
+    assert worker_state.get(("fit-a", 1, 1)) is None
+    worker_state.put(("fit-a", 0, 1), kb(2))  # replacing an entry frees the old one
+    assert worker_state._used == 2048
+    assert worker_state.forget("fit-a") == 1
+    assert worker_state.get(("fit-a", 0, 1)) is None and worker_state._used == 0
+
+
+def test_a_fit_keeps_its_first_entries_when_its_state_does_not_fit(budget_of_4_kb):
+    """Evicting in a cycle would find nothing on the next pass; keeping the first chunks finds them every time."""
+    for chunk in range(6):
+        worker_state.put(("fit-a", chunk, 0), kb())
+    kept = [chunk for chunk in range(6) if worker_state.get(("fit-a", chunk, 0)) is not None]
+    assert kept == [0, 1, 2, 3]
+    assert worker_state._used == 4096
+
+
+def test_a_new_fit_evicts_older_fits_first(budget_of_4_kb):
+    for chunk in range(4):
+        worker_state.put(("stale", chunk, 0), kb())  # a fit whose client never came back to forget it
+    worker_state.put(("fresh", 0, 0), kb(2))
+    assert worker_state.get(("fresh", 0, 0)) is not None
+    assert [worker_state.get(("stale", c, 0)) is not None for c in range(4)] == [False, False, True, True]
+
+
+def test_an_entry_larger_than_the_budget_is_not_kept(budget_of_4_kb):
+    worker_state.put(("fit", 0, 0), kb(5))
+    assert worker_state.get(("fit", 0, 0)) is None and worker_state._used == 0
