@@ -77,8 +77,10 @@ def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq=None, c_sq=None) -> np
 
 
 def assign(chunk: np.ndarray, centers: np.ndarray, offset: int = 0):
-    """Nearest centre and its squared distance for every row of the chunk."""
-    return _assign_tiles(chunk, centers, offset)
+    """Nearest centre (the float64 argmin, screened in float32) and its float64 squared distance, per row."""
+    norms = chunk_norms(chunk, offset)
+    labels = _labels(chunk, norms, centers)
+    return labels, own_sq_distances(chunk, norms, np.asarray(centers, dtype=np.float64), labels)
 
 
 def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -90,41 +92,6 @@ def transform(chunk: np.ndarray, centers: np.ndarray) -> np.ndarray:
     for rows in row_tiles(chunk.shape[0], max(chunk.shape[1], c.shape[0])):
         out[rows] = np.sqrt(sq_distances(chunk[rows].astype(ftype), c, c_sq=c_sq))
     return out
-
-
-def _assign_tiles(chunk, centers, offset):
-    labels, min_d2 = _assign_tiles_many(chunk, centers, (centers.shape[0],), offset)
-    return labels[0], min_d2[0]
-
-
-def _assign_tiles_many(chunk, centers, sizes, offset):
-    """Assign every row to its nearest centre of each model; the rows are read and converted once for all.
-
-    ``centers`` stacks the models' centres; ``sizes`` says how many belong to
-    each. Each model gets its own matrix product against the shared float
-    tile, not a slice of one product against all centres: BLAS may sum a
-    small product in another order (OpenBLAS's small-matrix path did, in the
-    last bits), and a model must get exactly the distances it gets alone.
-    """
-    ftype = compute_dtype(chunk.dtype)
-    bounds = np.cumsum((0,) + tuple(sizes))
-    models = [centers[a:b].astype(ftype) for a, b in zip(bounds[:-1], bounds[1:])]
-    norms = [squared_norms(c) for c in models]
-    n = chunk.shape[0]
-    labels = [np.empty(n, dtype=np.int32) for _ in sizes]
-    min_d2 = [np.empty(n, dtype=np.float64) for _ in sizes]
-    floating = chunk.dtype.kind == "f"
-    for rows in row_tiles(n, max(chunk.shape[1], *sizes)):
-        x = chunk[rows].astype(ftype)
-        x_sq = squared_norms(x)
-        if floating:
-            check_finite(x, x_sq, offset + rows.start)
-        for m, (c, c_sq) in enumerate(zip(models, norms)):
-            d2 = sq_distances(x, c, x_sq, c_sq)
-            lab = np.argmin(d2, axis=1)
-            labels[m][rows] = lab
-            min_d2[m][rows] = d2[np.arange(lab.size), lab]
-    return labels, min_d2
 
 
 @dataclass
@@ -243,9 +210,12 @@ def own_sq_distances(chunk: np.ndarray, norms: screening.RowNorms, centers: np.n
 
 def labels_of(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.ndarray:
     """Nearest centre of every row (the float64 argmin, lowest index on ties), screened in float32."""
-    norms = chunk_norms(chunk, offset)
+    return _labels(chunk, chunk_norms(chunk, offset), centers)
+
+
+def _labels(chunk, norms, centers) -> np.ndarray:
     model = screening.prepare(centers, norms.screen)
-    tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], centers.shape[0]))
+    tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], model.k))
     return screening.assign_rows(chunk, norms, model, tile)[0]
 
 
