@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .estimator import ALGORITHMS
 from .seeding import INIT_NAMES
 
 
@@ -121,6 +122,16 @@ seed_option = click.option(
 )
 
 
+algorithm_option = click.option(
+    "--algorithm",
+    type=click.Choice(ALGORITHMS),
+    default="auto",
+    show_default=True,
+    help="yinyang (= auto) skips rows whose Yinyang bounds show their centroid cannot change; lloyd computes "
+    "every distance. Same result, iteration by iteration.",
+)
+
+
 @main.command()
 @click.option("--k", "k", type=click.IntRange(min=1), default=10, help="Number of clusters.")
 @click.option("--init", type=click.Choice(INIT_NAMES), default="k-means||", help="Initialisation.")
@@ -129,6 +140,7 @@ seed_option = click.option(
 @click.option(
     "--tol", type=click.FloatRange(min=0), default=1e-4, help="Stop once every centroid moves less than this."
 )
+@algorithm_option
 @seed_option
 @data_options
 @subsample_options
@@ -217,6 +229,7 @@ def run(client, opts) -> dict:
         callback=progress,
         checkpoint=opts["checkpoint"],
         resume=opts["resume"],
+        algorithm=opts["algorithm"],
     )
     fit_start = time.perf_counter()
     _fit_with_clear_errors(lambda: model.fit(X), client)
@@ -306,6 +319,7 @@ def _inits_option(ctx, param, value):
 @click.option(
     "--tol", type=click.FloatRange(min=0), default=1e-4, help="Stop a model once every centroid moves less than this."
 )
+@algorithm_option
 @seed_option
 @data_options
 @subsample_options
@@ -347,6 +361,7 @@ def elbow(**opts):
                 random_state=opts["seed"],
                 max_iter=opts["max_iter"],
                 tol=opts["tol"],
+                algorithm=opts["algorithm"],
                 client=client,
                 callback=progress,
             ),

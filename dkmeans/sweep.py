@@ -82,6 +82,7 @@ def elbow(
     max_iter: int = 300,
     tol: float = 1e-4,
     chunk_rows: int | None = None,
+    algorithm: str = "auto",
     client=None,
     callback=None,
 ) -> list[ElbowPoint]:
@@ -113,6 +114,7 @@ def elbow(
                 tol=tol,
                 random_state=random_state,
                 chunk_rows=chunk_rows,
+                algorithm=algorithm,
                 callback=report,
             )
             points.append(ElbowPoint(int(k), init, model))
