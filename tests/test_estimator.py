@@ -128,7 +128,7 @@ def test_yinyang_and_lloyd_give_the_same_fit_iteration_by_iteration(Xd, X, clien
     for algorithm in ("lloyd", "yinyang"):
         seen = shifts.setdefault(algorithm, [])
         fits[algorithm] = KMeans(
-            k, init=init, max_iter=12, tol=0, algorithm=algorithm, client=client, callback=lambda *a: seen.append(a[2])
+            k, init=init, max_iter=12, tol=0, algorithm=algorithm, client=client, callback=lambda *a, seen=seen: seen.append(a[2])
         ).fit(Xd)
     a, b = fits["lloyd"], fits["yinyang"]
     assert a.n_iter_ == b.n_iter_ == 12
@@ -145,7 +145,7 @@ def test_unknown_algorithm_is_a_clear_error(X):
 
 
 def test_lloyd_parity_with_sklearn_float32(X, init10, client):
-    """float32 in: close to scikit-learn's float32 run (dkmeans labels rows by float64 distances, sklearn by float32)."""
+    """float32 in: close to scikit-learn's float32 run (dkmeans labels by float64 distances, sklearn by float32)."""
     X32 = X.astype(np.float32) / np.float32(255)
     init = (init10 / 255).astype(np.float32)
     sk = SKKMeans(K, init=init, n_init=1, max_iter=10, tol=0, algorithm="lloyd").fit(X32)
