@@ -127,9 +127,9 @@ def test_yinyang_and_lloyd_give_the_same_fit_iteration_by_iteration(Xd, X, clien
     fits = {}
     for algorithm in ("lloyd", "yinyang"):
         seen = shifts.setdefault(algorithm, [])
-        fits[algorithm] = KMeans(
-            k, init=init, max_iter=12, tol=0, algorithm=algorithm, client=client, callback=lambda *a, seen=seen: seen.append(a[2])
-        ).fit(Xd)
+        model = KMeans(k, init=init, max_iter=12, tol=0, algorithm=algorithm, client=client)
+        model.callback = lambda *a, seen=seen: seen.append(a[2])
+        fits[algorithm] = model.fit(Xd)
     a, b = fits["lloyd"], fits["yinyang"]
     assert a.n_iter_ == b.n_iter_ == 12
     np.testing.assert_array_equal(a.labels_, b.labels_)
