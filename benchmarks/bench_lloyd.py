@@ -469,7 +469,7 @@ def part_memory(args, mnist):
     split = getattr(dk_engine, "SPLIT_EVERY", 8)  # partials one reduce task combines
     print(f"  fit: {seconds:.1f} s, {est.n_iter_ + 1} passes")
     print(
-        f"{'worker':<26} {'chunks':>6} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'kernel peak':>12} "
+        f"{'worker':<26} {'chunks':>6} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} "
         f"{'increase':>9} {'bound':>7}"
     )
     for w in pids:
@@ -485,8 +485,8 @@ def part_memory(args, mnist):
             f"{sampler.peak[w] / 1e6:>9.1f} {kp} {(peak - before[w]) / 1e6:>9.1f} {bound / 1e6:>7.1f}"
         )
     print(
-        "  MB throughout. peak RSS: sampled every 0.05 s from the benchmark process; kernel peak: /proc VmHWM, "
-        f"reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
+        "  MB throughout. peak RSS: sampled every 0.05 s from the benchmark process; VmHWM: the kernel's peak RSS mark,"
+        f" reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
     )
     print(
         f"  bound: distance tiles of at most TILE_ELEMENTS={tile:,} floats per model ({tile * 8 / 1e6:.1f} MB in "
