@@ -64,7 +64,8 @@ with warnings.catch_warnings():
 
 SYSTEMS = ("sklearn", "faiss", "dask-ml", "dkmeans-u8", "dkmeans-f32")
 THREADS = 2  # cores for every system: 2 BLAS/OpenMP threads in-process, or 2 one-thread worker processes
-REL_NOISE = 1e-4  # relative difference still counted as float32 rounding noise
+REL_NOISE = 1e-4  # relative inertia difference still counted as float32 rounding noise
+CENTRE_NOISE = 1e-3  # relative (Frobenius) difference of final centres still counted as float32 noise
 
 
 @contextlib.contextmanager
@@ -287,13 +288,33 @@ def report_iterations(rows, X64):
             elif r.system == "dask-ml":
                 why = " (dask-ml's inertia_ after max_iter sums unsquared distances: a known dask-ml bug)"
             notes.append(f"{r.system}: reported inertia differs from the recomputed one by {rel:.1e}{why}")
-        if c_diff > REL_NOISE * 10:
+        if c_diff > CENTRE_NOISE:
             notes.append(
                 f"{r.system}: final centres differ from scikit-learn's by {c_diff:.1e} (relative Frobenius norm), "
-                "beyond float32 noise: the runs took different paths (ties, empty-cluster handling)"
+                "beyond float32 noise: the runs took different paths (rounding at near-ties, empty clusters)"
             )
+    groups = agreeing_groups(rows)
+    if len(groups) > 1:
+        listed = "; ".join(", ".join(g) for g in groups)
+        notes.append(f"systems whose final centres agree within {CENTRE_NOISE:.0e} of each other: {listed}")
     for note in notes:
         print(f"  NOTE {note}")
+
+
+def agreeing_groups(rows) -> list[list[str]]:
+    """Systems grouped by final centres equal within CENTRE_NOISE (relative), each joined to the first it matches."""
+    groups = []
+    for r in rows:
+        c = np.asarray(r.centers, dtype=np.float64)
+        for g in groups:
+            first = g[0]
+            c0 = np.asarray(first.centers, dtype=np.float64)
+            if np.linalg.norm(c - c0) / np.linalg.norm(c0) <= CENTRE_NOISE:
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return [[r.system for r in g] for g in groups]
 
 
 def part_whole_fit(args, client, data):
