@@ -70,10 +70,20 @@ CENTRE_NOISE = 1e-3  # relative (Frobenius) difference of final centres still co
 
 @contextlib.contextmanager
 def quiet():
-    """Silence dask-ml's (and its dependencies') warnings around its calls; they would bury the tables."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Silence dask-ml's (and its dependencies') warnings around its calls; they would bury the tables.
+
+    dask-ml's k-means|| also resubmits keys with new tasks, which the (in-process) scheduler logs as a
+    long "Detected different `run_spec`" warning; that logger is raised to ERROR meanwhile.
+    """
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    level = scheduler_log.level
+    scheduler_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        scheduler_log.setLevel(level)
 
 
 # --- independent numpy checks (float64) -----------------------------------------------------------
