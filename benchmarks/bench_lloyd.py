@@ -1,0 +1,589 @@
+"""Lloyd iterations on full MNIST (60000 x 784): dkmeans against scikit-learn, faiss and dask-ml, in one run.
+
+Every figure comes from the same process run on the same machine, so the ratios are meaningful even when
+the absolute times are noisy (a shared machine). Parts:
+
+1. Seconds per Lloyd iteration for each k in --k: --iters iterations, tol=0, the same initial centres for
+   every system (k distinct training rows chosen by a fixed seed; float32 for scikit-learn, faiss and
+   dask-ml, float64 for dkmeans, which keeps its centres in float64). Median of --repeats fits.
+   Seconds per iteration = fit time / passes over the data, where a pass assigns every row once:
+     scikit-learn  n_iter_ + 1   (n_iter_ assign+update iterations, then a final assignment for labels_)
+     faiss         niter         (niter assign+update iterations; it returns no labels, so no final pass)
+     dask-ml       n_iter_ + 1   (n_iter_ loop passes, then the final labels/inertia pass that fit()
+                                  computes for inertia_; its NaN/inf scan of the input is not counted)
+     dkmeans       n_iter_ + 1   (n_iter_ updates; the last pass keeps its centres and gives labels_)
+   Each result is checked independently with numpy in float64: the inertia of its final centres under
+   its own labels (faiss: under the nearest-centre assignment) against the inertia it reports and
+   against scikit-learn's; and its final centres against scikit-learn's.
+2. The whole fit, initialisation included, with each system's default init, max_iter and tol, for each
+   k in --fit-k: scikit-learn, dask-ml (float32) and dkmeans on its native uint8 data (dask-ml's
+   k-means|| is very slow at large k: --skip-slow skips dask-ml at k > 64).
+3. Roofline: the machine's float32 matrix-product rate and memory read bandwidth on 2 threads, measured
+   here, and each system's achieved GFLOP/s counting brute-force work (2 n d k flops per pass).
+4. Dask overhead of dkmeans, from the scheduler's task stream (see dask_overhead()).
+5. Worker memory of a dkmeans fit at k=--mem-k (1024) on a fresh 2-worker cluster, against the data each
+   worker holds and the engine's tile bound.
+
+Needs the bench extra (pip install -e ".[bench]"). Usage:
+
+    DKMEANS_DATA_DIR=../shared/data/mnist python benchmarks/bench_lloyd.py
+    python benchmarks/bench_lloyd.py --k 10 --iters 3 --repeats 1 --fit-k 10 --skip-slow   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import logging
+import os
+import statistics
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+from distributed import Client, LocalCluster, wait
+from distributed.utils import key_split
+from sklearn.cluster import KMeans as SKKMeans
+from threadpoolctl import threadpool_limits
+
+from dkmeans import KMeans
+from dkmeans import engine as dk_engine
+from dkmeans import kernels as dk_kernels
+from dkmeans.data import load_mnist
+
+with warnings.catch_warnings():
+    # dask-ml imports numba, pandas and old dask/sklearn APIs; their deprecation notes are not our results.
+    warnings.simplefilter("ignore")
+    import dask_ml.cluster
+    import faiss
+
+SYSTEMS = ("sklearn", "faiss", "dask-ml", "dkmeans-u8", "dkmeans-f32")
+THREADS = 2  # cores for every system: 2 BLAS/OpenMP threads in-process, or 2 one-thread worker processes
+REL_NOISE = 1e-4  # relative inertia difference still counted as float32 rounding noise
+CENTRE_NOISE = 1e-3  # relative (Frobenius) difference of final centres still counted as float32 noise
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence dask-ml's (and its dependencies') warnings around its calls; they would bury the tables.
+
+    dask-ml's k-means|| also resubmits keys with new tasks, which the (in-process) scheduler logs as a
+    long "Detected different `run_spec`" warning; that logger is raised to ERROR meanwhile.
+    """
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    level = scheduler_log.level
+    scheduler_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        scheduler_log.setLevel(level)
+
+
+# --- independent numpy checks (float64) -----------------------------------------------------------
+
+
+def nearest(X64: np.ndarray, centers: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Nearest-centre labels in float64, block by block."""
+    c = np.asarray(centers, dtype=np.float64)
+    c_sq = (c * c).sum(axis=1)
+    out = np.empty(X64.shape[0], dtype=np.int64)
+    for s in range(0, X64.shape[0], block):
+        x = X64[s : s + block]
+        out[s : s + block] = np.argmin(c_sq - 2.0 * (x @ c.T), axis=1)
+    return out
+
+
+def inertia_of(X64: np.ndarray, centers: np.ndarray, labels: np.ndarray, block: int = 8192) -> float:
+    """Sum of squared distances of every row to its labelled centre, float64."""
+    c = np.asarray(centers, dtype=np.float64)
+    total = 0.0
+    for s in range(0, X64.shape[0], block):
+        diff = X64[s : s + block] - c[labels[s : s + block]]
+        total += float(np.einsum("ij,ij->", diff, diff))
+    return total
+
+
+# --- one fit per system, from given centres ----------------------------------------------------------
+
+
+@dataclass
+class Result:
+    system: str
+    k: int
+    seconds: list = field(default_factory=list)  # fit seconds of every repeat
+    passes: int = 0
+    n_iter: int = 0
+    centers: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    reported: float = float("nan")  # the system's own inertia
+    overhead: dict | None = None  # dkmeans only: dask_overhead() of the last repeat
+
+    @property
+    def per_pass(self) -> float:
+        return statistics.median(self.seconds) / self.passes
+
+
+def fit_sklearn(X32, init, iters):
+    with threadpool_limits(THREADS):
+        start = time.perf_counter()
+        est = SKKMeans(init.shape[0], init=init.astype(np.float32), n_init=1, max_iter=iters, tol=0, algorithm="lloyd")
+        est.fit(X32)
+        seconds = time.perf_counter() - start
+    return seconds, est.n_iter_ + 1, est.n_iter_, est.cluster_centers_, est.labels_, est.inertia_
+
+
+def fit_faiss(X32, init, iters):
+    faiss.omp_set_num_threads(THREADS)
+    k, d = init.shape
+    # max_points_per_centroid: faiss otherwise trains on a sample of 256 k rows; we want every row.
+    est = faiss.Kmeans(d, k, niter=iters, max_points_per_centroid=X32.shape[0], verbose=False)
+    start = time.perf_counter()
+    est.train(X32, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+    seconds = time.perf_counter() - start
+    # obj[-1] is the inertia of its last assignment, i.e. of the centres *before* its last update.
+    return seconds, iters, iters, est.centroids, None, float(est.obj[-1])
+
+
+def fit_daskml(Xd32, init, iters):
+    with quiet():
+        start = time.perf_counter()
+        est = dask_ml.cluster.KMeans(init.shape[0], init=init.astype(np.float32), max_iter=iters, tol=0).fit(Xd32)
+        seconds = time.perf_counter() - start
+        labels = est.labels_.compute()  # lazy in dask-ml; computed outside the timing
+    return seconds, est.n_iter_ + 1, est.n_iter_, est.cluster_centers_, labels, est.inertia_
+
+
+def fit_dkmeans(client, Xd, init, iters, algorithm):
+    marks = []  # wall-clock end of every pass, for dask_overhead()
+    kwargs = {} if algorithm is None else {"algorithm": algorithm}
+    est = KMeans(
+        init.shape[0],
+        init=init.astype(np.float64),
+        max_iter=iters,
+        tol=0,
+        client=client,
+        callback=lambda *a, **kw: marks.append(time.time()),
+        **kwargs,
+    )
+    began = time.time()
+    start = time.perf_counter()
+    est.fit(Xd)
+    seconds = time.perf_counter() - start
+    ended = time.time()
+    overhead = dask_overhead(client, began, ended, marks)
+    return seconds, est.n_iter_ + 1, est.n_iter_, est.cluster_centers_, est.labels_, est.inertia_, overhead
+
+
+def dask_overhead(client, began: float, ended: float, marks: list) -> dict | None:
+    """How much of each dkmeans pass is not kernel compute, from the scheduler's task stream.
+
+    Pass p's wall window runs from the end of pass p-1 (the fit's start for p=0) to the moment the
+    fit's callback reports pass p (its update is computed on the client then). Every task whose name
+    starts with "dkmeans-" (assign, reduce, broadcast, ...) belongs to the window its compute began in;
+    kernel time of a pass = max over workers of the summed "compute" durations of that worker's tasks
+    in the window (the busiest worker bounds the pass). Overhead = 1 - kernel / wall: scheduling,
+    transfers, (de)serialisation, the client's update and the idle time of the busiest worker. Pass 0
+    (which also places the data and builds the graph) is left out of the medians.
+    """
+    stream = client.get_task_stream(start=began - 1, stop=ended + 1)
+    if not marks or not stream:
+        return None
+    edges = [began] + list(marks)
+    n_pass = len(marks)
+    busy = [dict() for _ in range(n_pass)]
+    for task in stream:
+        if not key_split(task["key"]).startswith("dkmeans-"):
+            continue
+        for ss in task.get("startstops", ()):
+            if ss.get("action") != "compute":
+                continue
+            p = int(np.searchsorted(edges, ss["start"], side="right")) - 1
+            if 0 <= p < n_pass:
+                w = task.get("worker", "?")
+                busy[p][w] = busy[p].get(w, 0.0) + (ss["stop"] - ss["start"])
+    walls = np.diff(edges)
+    kernel = np.array([max(b.values()) if b else 0.0 for b in busy])
+    later = slice(1, None) if n_pass > 1 else slice(None)
+    return {
+        "wall": float(np.median(walls[later])),
+        "kernel": float(np.median(kernel[later])),
+        "overhead": float(np.median(1.0 - kernel[later] / walls[later])),
+        "fit_wall": ended - began,
+        "fit_kernel": float(kernel.sum()),
+    }
+
+
+# --- parts -------------------------------------------------------------------------------------------
+
+
+def part_iterations(args, client, data, X64, dk_algorithms):
+    """Part 1: seconds per pass from the same centres; returns every Result for the roofline."""
+    results = []
+    for k in args.k:
+        init = data["u8"][np.random.default_rng(k).choice(data["u8"].shape[0], k, replace=False)]
+        runs = []
+        for system in args.systems:
+            if system.startswith("dkmeans"):
+                runs += [(f"{system}/{a or 'lloyd'}", system, a) for a in dk_algorithms]
+            else:
+                runs.append((system, system, None))
+        for label, system, algorithm in runs:
+            res = Result(label, k)
+            for _ in range(args.repeats):
+                if system == "sklearn":
+                    out = fit_sklearn(data["f32"], init, args.iters)
+                elif system == "faiss":
+                    out = fit_faiss(data["f32"], init, args.iters)
+                elif system == "dask-ml":
+                    out = fit_daskml(data["dask_f32"], init, args.iters)
+                else:
+                    src = data["dask_u8"] if system == "dkmeans-u8" else data["dask_f32"]
+                    out = fit_dkmeans(client, src, init, args.iters, algorithm)
+                    res.overhead = out[6]
+                res.seconds.append(out[0])
+                res.passes, res.n_iter, res.centers, res.labels, res.reported = out[1:6]
+            results.append(res)
+            print(f"  done: {label:<22} k={k:<5} {res.per_pass:.4f} s/iter ({res.passes} passes)", flush=True)
+        report_iterations([r for r in results if r.k == k], X64)
+    return results
+
+
+def report_iterations(rows, X64):
+    k = rows[0].k
+    ref = next((r for r in rows if r.system == "sklearn"), None)
+    dml = next((r for r in rows if r.system == "dask-ml"), None)
+    print(f"\nk={k}: seconds per Lloyd iteration (median of {len(rows[0].seconds)} fits)")
+    print(f"{'system':<22} {'passes':>6} {'s/iter':>9} {'this/sklearn':>13} {'dask-ml/this':>13}")
+    for r in rows:
+        vs_sk = f"{r.per_pass / ref.per_pass:12.2f}x" if ref else f"{'-':>13}"
+        vs_dml = f"{dml.per_pass / r.per_pass:12.2f}x" if dml else f"{'-':>13}"
+        print(f"{r.system:<22} {r.passes:>6} {r.per_pass:>9.4f} {vs_sk} {vs_dml}")
+
+    print(f"\nk={k}: results checked with numpy (float64) from each system's final centres")
+    print(
+        f"{'system':<22} {'reported inertia':>17} {'recomputed':>17} {'rel.diff':>9} "
+        f"{'vs sklearn':>10} {'centres vs sklearn':>19}"
+    )
+    notes = []
+    ref_inertia = None
+    if ref is not None:
+        ref_inertia = inertia_of(X64, ref.centers, ref.labels)
+    for r in rows:
+        labels = r.labels if r.labels is not None else nearest(X64, r.centers)
+        own = inertia_of(X64, r.centers, labels)
+        rel = abs(r.reported - own) / own
+        vs_ref = abs(own - ref_inertia) / ref_inertia if ref is not None else float("nan")
+        if ref is not None:
+            c_ref = np.asarray(ref.centers, dtype=np.float64)
+            c_diff = np.linalg.norm(np.asarray(r.centers, dtype=np.float64) - c_ref) / np.linalg.norm(c_ref)
+        else:
+            c_diff = float("nan")
+        print(f"{r.system:<22} {r.reported:>17.6e} {own:>17.6e} {rel:>9.1e} {vs_ref:>10.1e} {c_diff:>19.1e}")
+        if r.labels is not None:
+            best = nearest(X64, r.centers)
+            moved = int(np.count_nonzero(best != r.labels))
+            if moved and inertia_of(X64, r.centers, best) < own * (1 - REL_NOISE):
+                notes.append(f"{r.system}: {moved} labels are not the nearest centre (beyond float32 ties)")
+        if rel > REL_NOISE:
+            why = ""
+            if r.system == "faiss":
+                why = " (faiss reports the inertia of its last assignment, made before its final update)"
+            elif r.system == "dask-ml":
+                why = " (dask-ml's inertia_ after max_iter sums unsquared distances: a known dask-ml bug)"
+            notes.append(f"{r.system}: reported inertia differs from the recomputed one by {rel:.1e}{why}")
+        if c_diff > CENTRE_NOISE:
+            notes.append(
+                f"{r.system}: final centres differ from scikit-learn's by {c_diff:.1e} (relative Frobenius norm), "
+                "beyond float32 noise: the runs took different paths (rounding at near-ties, empty clusters)"
+            )
+    groups = agreeing_groups(rows)
+    if len(groups) > 1:
+        listed = "; ".join(", ".join(g) for g in groups)
+        notes.append(f"systems whose final centres agree within {CENTRE_NOISE:.0e} of each other: {listed}")
+    for note in notes:
+        print(f"  NOTE {note}")
+
+
+def agreeing_groups(rows) -> list[list[str]]:
+    """Systems grouped by final centres equal within CENTRE_NOISE (relative), each joined to the first it matches."""
+    groups = []
+    for r in rows:
+        c = np.asarray(r.centers, dtype=np.float64)
+        for g in groups:
+            first = g[0]
+            c0 = np.asarray(first.centers, dtype=np.float64)
+            if np.linalg.norm(c - c0) / np.linalg.norm(c0) <= CENTRE_NOISE:
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return [[r.system for r in g] for g in groups]
+
+
+def part_whole_fit(args, client, data):
+    """Part 2: default init, default max_iter and tol, whole fit timed."""
+    print("\nWhole fit with each system's default init (random_state=0), default max_iter and tol")
+    print("  (tol means different things: scikit-learn's is relative to the data's variance, dask-ml's")
+    print("   bounds the squared centre shift, dkmeans' bounds every centre's move in pixel units)")
+    print(f"{'system':<14} {'k':>5} {'seconds':>9} {'n_iter':>7} {'inertia (numpy)':>16} {'this/sklearn':>13}")
+    X64 = data["X64"]
+    for k in args.fit_k:
+        rows = []
+        for system in ("sklearn", "dask-ml", "dkmeans-u8"):
+            if system not in args.systems:
+                continue
+            if system == "dask-ml" and args.skip_slow and k > 64:
+                print(f"{system:<14} {k:>5} {'skipped (--skip-slow)':>34}")
+                continue
+            start = time.perf_counter()
+            if system == "sklearn":
+                with threadpool_limits(THREADS):
+                    est = SKKMeans(k, n_init=1, random_state=0).fit(data["f32"])
+                labels = est.labels_
+            elif system == "dask-ml":
+                with quiet():
+                    est = dask_ml.cluster.KMeans(k, random_state=0).fit(data["dask_f32"])
+                    seconds = time.perf_counter() - start
+                    labels = est.labels_.compute()
+            else:
+                src = data["dask_u8"] if system == "dkmeans-u8" else data["dask_f32"]
+                est = KMeans(k, client=client, random_state=0).fit(src)
+                labels = est.labels_
+            if system != "dask-ml":
+                seconds = time.perf_counter() - start
+            inertia = inertia_of(X64, est.cluster_centers_, labels)
+            rows.append((system, seconds))
+            ref = dict(rows).get("sklearn")
+            ratio = f"{seconds / ref:12.2f}x" if ref else f"{'-':>13}"
+            print(f"{system:<14} {k:>5} {seconds:>9.2f} {est.n_iter_:>7} {inertia:>16.6e} {ratio}", flush=True)
+
+
+def measure_peak(repeats: int = 10):
+    """float32 GEMM rate (GFLOP/s) and read bandwidth (GB/s), both on THREADS threads."""
+    rng = np.random.default_rng(0)
+    m, kk, n = 4096, 784, 1024
+    a = rng.random((m, kk), dtype=np.float32)
+    b = rng.random((kk, n), dtype=np.float32)
+    with threadpool_limits(THREADS):
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    gflops = 2 * m * n * kk / statistics.median(times) / 1e9
+
+    big = np.ones(2**28, dtype=np.float32)  # 1 GiB
+    halves = np.array_split(big, THREADS)
+    with ThreadPoolExecutor(THREADS) as pool:  # numpy's sum releases the GIL: one half per core
+        list(pool.map(np.sum, halves))
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.sum, halves))
+            times.append(time.perf_counter() - t)
+    gbps = big.nbytes / statistics.median(times) / 1e9
+    return gflops, gbps
+
+
+def part_roofline(results, gflops, gbps, n, d):
+    print(f"\nRoofline: float32 matrix product {gflops:.1f} GFLOP/s, memory read {gbps:.1f} GB/s, {THREADS} threads")
+    print("  (measured now: median (4096x784)@(784x1024) product; sum of a 1 GiB float32 array, one half per thread)")
+    print(f"{'system':<22} {'k':>5} {'GFLOP/s':>8} {'of peak':>8} {'data GB/s':>10} {'of bandwidth':>13}")
+    for r in results:
+        rate = 2 * n * d * r.k / r.per_pass / 1e9
+        itemsize = 1 if "u8" in r.system else 4
+        read = n * d * itemsize / r.per_pass / 1e9
+        print(f"{r.system:<22} {r.k:>5} {rate:>8.1f} {rate / gflops:>8.0%} {read:>10.2f} {read / gbps:>13.0%}")
+    print("  GFLOP/s counts brute-force work, 2 n d k flops per pass; bound-accelerated algorithms (hamerly)")
+    print("  skip most distance computations, so their figure is an equivalent rate, not work done.")
+    print("  dkmeans computes uint8 data in float64 (half the float32 rate at best); the peak is float32.")
+
+
+def part_overhead(results):
+    rows = [r for r in results if r.overhead]
+    if not rows:
+        return
+    print("\nDask overhead of dkmeans, from the scheduler's task stream (last fit of each run)")
+    print("  per pass (median over passes 1..n): wall = time between the ends of consecutive passes;")
+    print("  kernel = busiest worker's summed compute time of dkmeans-* tasks that began in that pass;")
+    print("  overhead = 1 - kernel / wall (scheduling, transfers, serialisation, the client's update, idling)")
+    print(f"{'system':<22} {'k':>5} {'wall s':>8} {'kernel s':>9} {'overhead':>9} {'whole fit: 1-kernel/wall':>25}")
+    for r in rows:
+        o = r.overhead
+        whole = 1 - o["fit_kernel"] / o["fit_wall"]
+        print(f"{r.system:<22} {r.k:>5} {o['wall']:>8.4f} {o['kernel']:>9.4f} {o['overhead']:>9.1%} {whole:>25.1%}")
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of the given processes every `period` seconds from this process; keeps each peak."""
+
+    def __init__(self, pids: dict, period: float = 0.05):
+        super().__init__(daemon=True)
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.period = period
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            for name, proc in self.procs.items():
+                self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+            time.sleep(self.period)
+
+
+def _reset_hwm(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of a process; False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def part_memory(args, mnist):
+    """Part 5: worker RSS during a k=mem_k fit on a fresh cluster (no leftovers of the other parts)."""
+    k, X = args.mem_k, mnist.train_images
+    n, d = X.shape
+    print(f"\nMemory: dkmeans k={k}, {args.mem_iters} iterations, uint8 data, a fresh {args.workers}-worker cluster")
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        Xp = client.persist(X)
+        wait(Xp)
+        pids = client.run(os.getpid)
+        held = {w: 0 for w in pids}
+        nbytes = client.nbytes(summary=False)
+        client_who_has = client.who_has(Xp)
+        for key, workers in client_who_has.items():
+            for w in workers:
+                held[w] += nbytes.get(key, 0)
+        init = X[np.random.default_rng(k).choice(n, k, replace=False)].compute().astype(np.float64)
+        before = {w: psutil.Process(pid).memory_info().rss for w, pid in pids.items()}
+        hwm_ok = all(_reset_hwm(pid) for pid in pids.values())
+        sampler = RssSampler(pids)
+        sampler.start()
+        est = KMeans(k, init=init, max_iter=args.mem_iters, tol=0, client=client)
+        start = time.perf_counter()
+        est.fit(Xp)
+        seconds = time.perf_counter() - start
+        sampler.stop.set()
+        sampler.join()
+        hwm = {w: _hwm(pid) if hwm_ok else None for w, pid in pids.items()}
+    rows = X.chunks[0][0]
+    chunks_per_worker = {w: 0 for w in pids}
+    for workers in client_who_has.values():
+        for w in workers:
+            chunks_per_worker[w] += 1
+    tile = dk_kernels.TILE_ELEMENTS
+    kd = k * d * 8  # one k x d float64 array: centres, or one chunk's partial sums
+    split = getattr(dk_engine, "SPLIT_EVERY", 8)  # partials one reduce task combines
+    print(f"  fit: {seconds:.1f} s, {est.n_iter_ + 1} passes")
+    print(
+        f"{'worker':<26} {'chunks':>6} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} "
+        f"{'increase':>9} {'bound':>7}"
+    )
+    for w in pids:
+        peak = max(sampler.peak[w], hwm[w] or 0)
+        # The arrays the engine allocates on a worker, at most: four tile-sized float64 buffers (converted
+        # rows, product, distances, temporaries), per-row labels and distances of one chunk, the centres
+        # and their float copy, and the k x d partial sums of every chunk it holds plus, in a reduce task,
+        # its up-to-SPLIT_EVERY input partials and their stacked copy (combine_stats sums a list of them).
+        bound = 4 * tile * 8 + rows * 12 + 2 * kd + (chunks_per_worker[w] + 2 * split) * kd
+        kp = f"{hwm[w] / 1e6:12.1f}" if hwm[w] else f"{'-':>12}"
+        print(
+            f"{w:<26} {chunks_per_worker[w]:>6} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
+            f"{sampler.peak[w] / 1e6:>9.1f} {kp} {(peak - before[w]) / 1e6:>9.1f} {bound / 1e6:>7.1f}"
+        )
+    print(
+        "  MB throughout. peak RSS: sampled every 0.05 s from the benchmark process; VmHWM: the kernel's peak RSS mark,"
+        f" reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
+    )
+    print(
+        f"  bound: distance tiles of at most TILE_ELEMENTS={tile:,} floats per model ({tile * 8 / 1e6:.1f} MB in "
+        f"float64; 4 such buffers counted), per-chunk state ({rows}-row labels and distances, {rows * 12 / 1e6:.2f} MB;"
+    )
+    print(
+        f"  k x d float64 partial sums, {kd / 1e6:.1f} MB, for each chunk held, plus {split} being reduced and their "
+        f"stacked copy) and the centres twice ({2 * kd / 1e6:.1f} MB); allocator slack is not counted"
+    )
+    print(
+        f"  an n_chunk x k float64 distance matrix would take {rows * k * 8 / 1e6:.1f} MB per {rows}-row chunk, "
+        f"{n / len(pids) * k * 8 / 1e6:.1f} MB for each worker's {n // len(pids)} rows, {n * k * 8 / 1e6:.1f} MB "
+        "for all of MNIST"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 64, 256], help="k values of part 1")
+    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations per fit in part 1 (tol=0)")
+    parser.add_argument("--repeats", type=int, default=3, help="fits per system in part 1; the median is reported")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--dk-algorithms", nargs="+", default=["lloyd", "hamerly"])
+    parser.add_argument("--fit-k", type=int, nargs="*", default=[10, 256], help="k values of part 2 (none: skip)")
+    parser.add_argument("--skip-slow", action="store_true", help="skip dask-ml's whole fit at k > 64 (~2 min)")
+    parser.add_argument("--mem-k", type=int, default=1024, help="k of the memory check (0: skip)")
+    parser.add_argument("--mem-iters", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=THREADS)
+    args = parser.parse_args()
+    logging.getLogger("dask_ml").setLevel(logging.ERROR)
+
+    if "algorithm" in inspect.signature(KMeans).parameters:
+        dk_algorithms = list(args.dk_algorithms)
+        dk_note = f"dkmeans algorithms: {', '.join(dk_algorithms)}"
+    else:
+        dk_algorithms = [None]
+        dk_note = "dkmeans.KMeans has no algorithm parameter: one dkmeans run per data form, labelled lloyd"
+
+    mnist = load_mnist()
+    u8 = mnist.train_images.compute()
+    n, d = u8.shape
+    data = {"u8": u8, "f32": u8.astype(np.float32), "X64": u8.astype(np.float64)}
+    print(
+        f"full MNIST {n} x {d}; {os.cpu_count()} cores here, every system on {THREADS}; "
+        f"{args.iters} iterations, tol=0, median of {args.repeats}"
+    )
+    print(f"numpy {np.__version__}, faiss {faiss.__version__}, {dk_note}")
+    print("timings on a shared machine are noisy; compare the ratios, measured in this one run\n")
+
+    gflops, gbps = measure_peak()
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.get_task_stream()  # the scheduler records its task stream from the first request on
+        # Both data forms persisted on the workers before any timing: iterations, not loading, are measured.
+        data["dask_u8"] = client.persist(mnist.train_images)
+        data["dask_f32"] = client.persist(mnist.train_images.astype(np.float32))
+        results = part_iterations(args, client, data, data["X64"], dk_algorithms) if args.k else []
+        part_roofline(results, gflops, gbps, n, d)
+        part_overhead(results)
+        if args.fit_k:
+            part_whole_fit(args, client, data)
+    if args.mem_k:
+        part_memory(args, mnist)
+
+
+if __name__ == "__main__":
+    main()
