@@ -25,7 +25,7 @@ from dask.core import flatten
 from dask.sizeof import sizeof
 from distributed import Client, Future, futures_of
 
-from . import kernels, worker_state
+from . import allocator, kernels, worker_state
 
 # Partials combined per reduction task: a tree of depth log_8(chunks).
 SPLIT_EVERY = 8
@@ -66,7 +66,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
             X = X.rechunk({1: -1})
         persisted = fits_in_memory(client, X.nbytes)
         log.debug(placement_message(client, X.nbytes, persisted, regrouped=chunk_rows is None))
-        if persisted and chunk_rows is None:  # in memory, a few large chunks per thread cost the least per pass
+        if persisted and chunk_rows is None:  # in memory, one large chunk per thread costs the least per pass
             X = X.rechunk({0: _default_chunk_rows(client, X.shape, X.dtype.itemsize)})
         if persisted:
             keep = client.persist(X)
@@ -89,7 +89,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
 
 def _default_chunk_rows(client: Client, shape, itemsize: int) -> int:
     threads = max(1, sum(client.nthreads().values()))
-    by_threads = math.ceil(shape[0] / (2 * threads))
+    by_threads = math.ceil(shape[0] / threads)
     by_bytes = max(1, (64 << 20) // max(1, itemsize * shape[1]))
     return max(1, min(by_threads, by_bytes))
 
@@ -107,7 +107,7 @@ def placement_message(client: Client, nbytes: int, persisted: bool, regrouped: b
     total = sum(limits) if limits and all(limits) else None
     budget = "no worker memory limit" if total is None else f"{PERSIST_MEMORY_FRACTION:.0%} of {total / 1e6:,.0f} MB"
     if persisted:
-        how = ", regrouped into two chunks per worker thread" if regrouped else ""
+        how = ", regrouped into one chunk per worker thread" if regrouped else ""
         return f"data: persisted in worker memory ({nbytes / 1e6:,.1f} MB fits in {budget}){how}"
     return f"data: streamed from storage every iteration ({nbytes / 1e6:,.1f} MB exceeds {budget})"
 
@@ -135,9 +135,15 @@ def map_chunks(data: ChunkedData, func, *args, name: str, nout: int | None = Non
     out = []
     for i, (block, offset) in enumerate(zip(data.blocks, data.offsets)):
         own = {key: values[i] for key, values in per_chunk.items()}
-        call = delayed(func, pure=False, nout=nout)
-        out.append(call(block, *args, offset=offset, **kwargs, **own, dask_key_name=(tag, i)))
+        call = delayed(_kernel, pure=False, nout=nout)
+        out.append(call(func, block, *args, offset=offset, **kwargs, **own, dask_key_name=(tag, i)))
     return out
+
+
+def _kernel(func, *args, **kwargs):
+    """Run a numpy kernel on a worker, with the allocator set for its tiles (see allocator)."""
+    allocator.keep_tile_memory()
+    return func(*args, **kwargs)
 
 
 def tree_reduce(parts: list, combine, *args, name: str):
@@ -381,6 +387,7 @@ def lloyd_pass(
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, *, offset, index):
+    allocator.keep_tile_memory()
     norms = worker_state.get((fit, index, "norms"))
     if norms is None or norms.sq.shape[0] != block.shape[0]:
         norms = kernels.chunk_norms(block, offset)
@@ -399,7 +406,9 @@ def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=
     chunks = range(data.n_chunks) if chunks is None else chunks
     tag = _tag("labels")
     parts = [
-        delayed(kernels.labels_of, pure=False)(data.blocks[i], centers, data.offsets[i], dask_key_name=(tag, i))
+        delayed(_kernel, pure=False)(
+            kernels.labels_of, data.blocks[i], centers, data.offsets[i], dask_key_name=(tag, i)
+        )
         for i in chunks
     ]
     return client.gather(client.compute(parts))
