@@ -174,15 +174,6 @@ def lloyd_chunk_many(
     return new_states, stats
 
 
-def _float32_up(x: np.ndarray) -> np.ndarray:
-    """x in float32 (half the memory on the workers), rounded up: still an upper bound."""
-    return np.nextafter(x.astype(np.float32), np.float32(np.inf))
-
-
-def _float32_down(x: np.ndarray) -> np.ndarray:
-    return np.nextafter(x.astype(np.float32), np.float32(-np.inf))
-
-
 def _sums_from(chunk, norms, labels, k, state) -> np.ndarray:
     """Per-cluster sums; for whole-number rows, the previous exact sums moved by the rows that changed cluster."""
     if not norms.integral:

@@ -282,7 +282,7 @@ def test_dashboard_answers_and_task_names_are_readable(remote_cli_fit, tcp_clust
     # The task stream (what the dashboard draws) names each task by key_split of its key.
     stream = client.get_task_stream(start=started)
     names = {key_split(record["key"]) for record in stream}
-    # (no dkmeans-reduce: with 8 in-memory chunks, two per worker thread, the client adds the partials itself)
+    # (no dkmeans-reduce: with one in-memory chunk per worker thread, the client adds the partials itself)
     assert {"dkmeans-assign", "dkmeans-labels"} <= names, names
     assert not any(re.search(r"[0-9a-f]{12}", name) for name in names), names
 
