@@ -14,9 +14,10 @@ import numpy as np
 from . import screening
 
 # Upper bound on the number of float elements in one (rows x k) distance tile
-# or (rows x d) converted tile: 2**19 float64 values are 4 MiB, small enough to
-# stay in cache while several models' products read the same converted tile.
-TILE_ELEMENTS = 2**19
+# or (rows x d) converted tile: 2**18 float64 values are 2 MiB, within L2+L3 on
+# one core and under the allocator threshold (allocator.THRESHOLD) that lets
+# tiles reuse heap memory instead of fresh pages.
+TILE_ELEMENTS = 2**18
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
