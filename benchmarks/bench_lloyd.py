@@ -52,8 +52,9 @@ from sklearn.cluster import KMeans as SKKMeans
 from threadpoolctl import threadpool_limits
 
 from dkmeans import KMeans
-from dkmeans import engine as dk_engine
+from dkmeans import allocator as dk_allocator
 from dkmeans import kernels as dk_kernels
+from dkmeans import screening as dk_screening
 from dkmeans.data import load_mnist
 
 with warnings.catch_warnings():
@@ -402,9 +403,9 @@ def part_roofline(results, gflops, gbps, n, d):
         itemsize = 1 if "u8" in r.system else 4
         read = n * d * itemsize / r.per_pass / 1e9
         print(f"{r.system:<22} {r.k:>5} {rate:>8.1f} {rate / gflops:>8.0%} {read:>10.2f} {read / gbps:>13.0%}")
-    print("  GFLOP/s counts brute-force work, 2 n d k flops per pass; bound-accelerated algorithms (hamerly)")
+    print("  GFLOP/s counts brute-force work, 2 n d k flops per pass; bound-accelerated algorithms (yinyang)")
     print("  skip most distance computations, so their figure is an equivalent rate, not work done.")
-    print("  dkmeans computes uint8 data in float64 (half the float32 rate at best); the peak is float32.")
+    print("  dkmeans ranks distances with a float32 product and recomputes the rare near-ties in float64.")
 
 
 def part_overhead(results):
@@ -490,29 +491,24 @@ def part_memory(args, mnist):
         sampler.stop.set()
         sampler.join()
         hwm = {w: _hwm(pid) if hwm_ok else None for w, pid in pids.items()}
-    rows = X.chunks[0][0]
-    chunks_per_worker = {w: 0 for w in pids}
-    for workers in client_who_has.values():
-        for w in workers:
-            chunks_per_worker[w] += 1
+    rows = n // len(pids)  # in memory the engine regroups the data into one chunk per worker thread
     tile = dk_kernels.TILE_ELEMENTS
-    kd = k * d * 8  # one k x d float64 array: centres, or one chunk's partial sums
-    split = getattr(dk_engine, "SPLIT_EVERY", 8)  # partials one reduce task combines
+    kd = k * d * 8  # one k x d 8-byte array: centres, or one chunk's partial sums
+    groups = dk_screening.n_groups(k)
     print(f"  fit: {seconds:.1f} s, {est.n_iter_ + 1} passes")
     print(
-        f"{'worker':<26} {'chunks':>6} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} "
-        f"{'increase':>9} {'bound':>7}"
+        f"{'worker':<26} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} {'increase':>9} {'bound':>7}"
     )
     for w in pids:
         peak = max(sampler.peak[w], hwm[w] or 0)
-        # The arrays the engine allocates on a worker, at most: four tile-sized float64 buffers (converted
-        # rows, product, distances, temporaries), per-row labels and distances of one chunk, the centres
-        # and their float copy, and the k x d partial sums of every chunk it holds plus, in a reduce task,
-        # its up-to-SPLIT_EVERY input partials and their stacked copy (combine_stats sums a list of them).
-        bound = 4 * tile * 8 + rows * 12 + 2 * kd + (chunks_per_worker[w] + 2 * split) * kd
+        # What a fit adds to a worker, at most: its regrouped in-memory chunk (a copy of its rows), six
+        # tile-sized 8-byte temporaries, the per-row state (int32 label, float32 upper bound, float32 lower
+        # bound per group, float64 squared norm and norm), the k x d sums kept in the state and returned in
+        # the stats, the centres and their float32 copy, and the allocator's retained heap.
+        bound = rows * d + 6 * tile * 8 + rows * (24 + 4 * groups) + 4 * kd + dk_allocator.THRESHOLD
         kp = f"{hwm[w] / 1e6:12.1f}" if hwm[w] else f"{'-':>12}"
         print(
-            f"{w:<26} {chunks_per_worker[w]:>6} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
+            f"{w:<26} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
             f"{sampler.peak[w] / 1e6:>9.1f} {kp} {(peak - before[w]) / 1e6:>9.1f} {bound / 1e6:>7.1f}"
         )
     print(
@@ -520,12 +516,10 @@ def part_memory(args, mnist):
         f" reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
     )
     print(
-        f"  bound: distance tiles of at most TILE_ELEMENTS={tile:,} floats per model ({tile * 8 / 1e6:.1f} MB in "
-        f"float64; 4 such buffers counted), per-chunk state ({rows}-row labels and distances, {rows * 12 / 1e6:.2f} MB;"
-    )
-    print(
-        f"  k x d float64 partial sums, {kd / 1e6:.1f} MB, for each chunk held, plus {split} being reduced and their "
-        f"stacked copy) and the centres twice ({2 * kd / 1e6:.1f} MB); allocator slack is not counted"
+        f"  bound: the regrouped chunk ({rows * d / 1e6:.1f} MB), six tiles of TILE_ELEMENTS={tile:,} values "
+        f"({6 * tile * 8 / 1e6:.1f} MB), per-row state with {groups} lower bounds "
+        f"({rows * (24 + 4 * groups) / 1e6:.1f} MB), four k x d arrays ({4 * kd / 1e6:.1f} MB) and "
+        f"{dk_allocator.THRESHOLD >> 20} MiB of allocator slack"
     )
     print(
         f"  an n_chunk x k float64 distance matrix would take {rows * k * 8 / 1e6:.1f} MB per {rows}-row chunk, "
@@ -540,7 +534,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations per fit in part 1 (tol=0)")
     parser.add_argument("--repeats", type=int, default=3, help="fits per system in part 1; the median is reported")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--dk-algorithms", nargs="+", default=["lloyd", "hamerly"])
+    parser.add_argument("--dk-algorithms", nargs="+", default=["lloyd", "yinyang"])
     parser.add_argument("--fit-k", type=int, nargs="*", default=[10, 256], help="k values of part 2 (none: skip)")
     parser.add_argument("--skip-slow", action="store_true", help="skip dask-ml's whole fit at k > 64 (~2 min)")
     parser.add_argument("--mem-k", type=int, default=1024, help="k of the memory check (0: skip)")

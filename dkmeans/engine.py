@@ -9,7 +9,6 @@ result per model that the client turns into new centres.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -446,8 +445,10 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str)
     """One task per chunk, submitted now: func(block, *args, offset=..., index=...).
 
     Persisted chunks are futures and take a plain submit (the cheapest way to
-    the scheduler); streamed chunks are graphs that load them, sent along,
-    and each prefers one worker (a contiguous block of chunks per worker).
+    the scheduler); streamed chunks are graphs that load them, sent along.
+    (Pinning streamed chunks to workers, to find their state again, was
+    tried: the restricted tasks bypass the scheduler's queuing, reads ran
+    ahead of the kernels, and 400 MB workers paused at their memory limit.)
     """
     tag = _tag(name)
     if all(isinstance(b, Future) for b in data.blocks):
@@ -455,13 +456,10 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str)
             client.submit(func, block, *args, offset=offset, index=i, key=(tag, i), pure=False)
             for i, (block, offset) in enumerate(zip(data.blocks, data.offsets))
         ]
-    # Each streamed chunk goes to the same worker every pass, where its state from the last pass is.
-    workers = sorted(client.scheduler_info()["workers"]) or [None]
-    tasks = []
-    for i, (block, offset) in enumerate(zip(data.blocks, data.offsets)):
-        home = workers[i * len(workers) // data.n_chunks]
-        with dask.annotate(workers=home, allow_other_workers=True) if home else contextlib.nullcontext():
-            tasks.append(delayed(func, pure=False)(block, *args, offset=offset, index=i, dask_key_name=(tag, i)))
+    tasks = [
+        delayed(func, pure=False)(block, *args, offset=offset, index=i, dask_key_name=(tag, i))
+        for i, (block, offset) in enumerate(zip(data.blocks, data.offsets))
+    ]
     return client.compute(tasks)
 
 
