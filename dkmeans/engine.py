@@ -469,7 +469,7 @@ def reduce_futures(client: Client, parts: list[Future], combine, *args, name: st
     level = 0
     while len(parts) > SPLIT_EVERY:
         parts = [
-            client.submit(combine, parts[i : i + SPLIT_EVERY], *args, key=(tag, level, i), pure=False)
+            client.submit(combine, parts[i : i + SPLIT_EVERY], *args, key=(tag, level, i), pure=False, priority=1)
             for i in range(0, len(parts), SPLIT_EVERY)
         ]
         level += 1

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 # Share of the worker's memory limit that remembered state may take (1 GiB without a limit).
-MEMORY_FRACTION = 0.15
+MEMORY_FRACTION = 0.05
 DEFAULT_BUDGET = 1 << 30
 
 _lock = threading.Lock()
