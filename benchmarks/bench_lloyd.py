@@ -501,11 +501,12 @@ def part_memory(args, mnist):
     )
     for w in pids:
         peak = max(sampler.peak[w], hwm[w] or 0)
-        # What a fit adds to a worker, at most: its regrouped in-memory chunk (a copy of its rows), six
-        # tile-sized 8-byte temporaries, the per-row state (int32 label, float32 upper bound, float32 lower
-        # bound per group, float64 squared norm and norm), the k x d sums kept in the state and returned in
-        # the stats, the centres and their float32 copy, and the allocator's retained heap.
-        bound = rows * d + 6 * tile * 8 + rows * (24 + 4 * groups) + 4 * kd + dk_allocator.THRESHOLD
+        # What a fit adds to a worker, at most: regrouping its rows into one chunk (the pieces and the joined
+        # copy), six tile-sized 8-byte temporaries, the per-row state (int32 label, float32 upper bound,
+        # float32 lower bound per group, float64 squared norm and norm), seven k x d arrays (float64 centres
+        # and their two float32 copies, the sums as float64 and int64, the previous pass's sums kept in the
+        # state and the partial sums awaiting the client) and the allocator's retained heap.
+        bound = 2 * rows * d + 6 * tile * 8 + rows * (24 + 4 * groups) + 7 * kd + dk_allocator.THRESHOLD
         kp = f"{hwm[w] / 1e6:12.1f}" if hwm[w] else f"{'-':>12}"
         print(
             f"{w:<26} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
@@ -516,9 +517,9 @@ def part_memory(args, mnist):
         f" reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
     )
     print(
-        f"  bound: the regrouped chunk ({rows * d / 1e6:.1f} MB), six tiles of TILE_ELEMENTS={tile:,} values "
+        f"  bound: regrouping into one chunk ({2 * rows * d / 1e6:.1f} MB), six tiles of TILE_ELEMENTS={tile:,} values "
         f"({6 * tile * 8 / 1e6:.1f} MB), per-row state with {groups} lower bounds "
-        f"({rows * (24 + 4 * groups) / 1e6:.1f} MB), four k x d arrays ({4 * kd / 1e6:.1f} MB) and "
+        f"({rows * (24 + 4 * groups) / 1e6:.1f} MB), seven k x d arrays ({7 * kd / 1e6:.1f} MB) and "
         f"{dk_allocator.THRESHOLD >> 20} MiB of allocator slack"
     )
     print(
@@ -530,7 +531,7 @@ def part_memory(args, mnist):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 64, 256], help="k values of part 1")
+    parser.add_argument("--k", type=int, nargs="*", default=[10, 64, 256], help="k values of part 1 (none: skip)")
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations per fit in part 1 (tol=0)")
     parser.add_argument("--repeats", type=int, default=3, help="fits per system in part 1; the median is reported")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
