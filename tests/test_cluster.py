@@ -293,10 +293,10 @@ def test_dashboard_answers_and_task_names_are_readable(remote_cli_fit, tcp_clust
         ]
 
     prefixes, fit_spans = client.run_on_scheduler(scheduler_records)
-    assert {"dkmeans-assign", "dkmeans-reduce"} <= set(prefixes), prefixes
+    assert {"dkmeans-assign", "dkmeans-labels"} <= set(prefixes), prefixes
     # The CLI's fit is one named span holding its assign and reduce tasks.
     assert len(fit_spans) == 1, fit_spans
-    assert {"dkmeans-assign", "dkmeans-reduce"} <= set(fit_spans[0][1]), fit_spans
+    assert {"dkmeans-assign", "dkmeans-labels"} <= set(fit_spans[0][1]), fit_spans
 
 
 # --- workers in their own network namespaces, reading the store through an fsspec URL ---------

@@ -88,6 +88,8 @@ def test_centres_are_broadcast_once_per_pass_not_embedded(counted, threads_clien
 
     monkeypatch.setattr(threads_client, "submit", submit)
     monkeypatch.setattr(threads_client, "compute", compute)
+    # 64 x 784 float64 centres are 401 kB: above this, they must not ride inside each chunk's task
+    monkeypatch.setattr(engine, "BROADCAST_BYTES", 300_000)
     k = 64
     km = KMeans(k, init=_init(X, k), max_iter=3, tol=0, client=threads_client).fit(arr)
     # one task per pass carries the centres (a recomputable task, so a lost worker does not lose them)
