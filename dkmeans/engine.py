@@ -9,6 +9,7 @@ result per model that the client turns into new centres.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -381,22 +382,26 @@ def lloyd_pass(
     stacked = np.concatenate(centers)
     if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
         stacked = broadcast(client, stacked)
-    parts = map_chunk_futures(client, data, _lloyd_task, stacked, sizes, n_far, ids, fit, bounds, name="assign")
+    # Streamed data is too large for its bounds to stay on the workers: keep only its labels (4 bytes a
+    # row), so that the final labels need no extra read of the data.
+    keep = "all" if data.persisted else "labels"
+    parts = map_chunk_futures(client, data, _lloyd_task, stacked, sizes, n_far, ids, fit, bounds, keep, name="assign")
     return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce"), parts
 
 
-def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, *, offset, index):
+def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset, index):
     allocator.keep_tile_memory()
-    norms = worker_state.get((fit, index, "norms"))
+    norms = worker_state.get((fit, index, "norms")) if keep == "all" else None
     if norms is None or norms.sq.shape[0] != block.shape[0]:
         norms = kernels.chunk_norms(block, offset)
-        worker_state.put((fit, index, "norms"), norms)
-    states = [worker_state.get((fit, index, m)) for m in ids]
+        if keep == "all":
+            worker_state.put((fit, index, "norms"), norms)
+    states = [worker_state.get((fit, index, m)) for m in ids] if keep == "all" else None
     new_states, stats = kernels.lloyd_chunk_many(
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )
     for m, state in zip(ids, new_states):
-        worker_state.put((fit, index, m), state)
+        worker_state.put((fit, index, m), state if keep == "all" else _Labels(_digest(state.centers), state.labels))
     return stats
 
 
@@ -436,9 +441,23 @@ def _final_labels(client: Client, data: ChunkedData, parts: list[Future], center
 
 def _remembered_labels(_pass_stats, centers, fit, model, index):
     state = worker_state.get((fit, index, model))
+    if isinstance(state, _Labels):
+        return state.labels if state.digest == _digest(centers) else None
     if state is not None and np.array_equal(state.centers, centers):
         return state.labels
     return None
+
+
+@dataclass
+class _Labels:
+    """A streamed chunk's last labels, with a digest of the centres they are for (16 bytes, not the centres)."""
+
+    digest: bytes
+    labels: np.ndarray
+
+
+def _digest(centers: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(centers, dtype=np.float64).tobytes(), digest_size=16).digest()
 
 
 def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str) -> list[Future]:
