@@ -170,6 +170,7 @@ def lloyd_chunk_many(
             far_label = labels[far_index - offset].astype(np.int64)
         else:
             far_d2, far_index, far_label = np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        upper, lower = screening.float32_up(upper), screening.float32_down(lower)  # half the worker memory
         new_states.append(screening.ModelState(model.c64, labels, upper, lower, sums if norms.integral else None))
         stats.append(ChunkStats(sums, counts, norms.total, far_d2, far_index, far_label))
     return new_states, stats

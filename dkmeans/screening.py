@@ -201,6 +201,8 @@ def float32_up(x: np.ndarray) -> np.ndarray:
 
 
 def float32_down(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.float32:  # already a float32 bound
+        return x
     return np.nextafter(np.asarray(x, dtype=np.float32), np.float32(-np.inf))
 
 
