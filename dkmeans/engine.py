@@ -329,6 +329,7 @@ def lloyd_many(
                     finished.append((index, run))
             for index, run in finished:
                 run.result.labels = _final_labels(client, data, parts, run.centers, fit, index)
+            del stats, parts  # free this pass's partials on the workers before the next pass makes its own
     finally:
         _forget(client, fit)
     return [r.result for r in runs]
