@@ -25,9 +25,14 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if np.dtype(dtype) == np.float32 else np.dtype(np.float64)
 
 
+def tile_rows(width: int) -> int:
+    """Rows per tile, so that a tile holds at most TILE_ELEMENTS values of the given width."""
+    return max(1, TILE_ELEMENTS // max(1, width))
+
+
 def row_tiles(n_rows: int, width: int):
-    """Row slices whose tiles hold at most TILE_ELEMENTS values of the given width."""
-    step = max(1, TILE_ELEMENTS // max(1, width))
+    """Row slices of tile_rows(width) rows."""
+    step = tile_rows(width)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -120,7 +125,7 @@ def lloyd_chunk(chunk: np.ndarray, centers: np.ndarray, n_far: int, offset: int 
 
 def chunk_norms(chunk: np.ndarray, offset: int = 0) -> screening.RowNorms:
     """The chunk's row norms, checking float rows for NaN and infinity on the way."""
-    tile = max(1, TILE_ELEMENTS // max(1, chunk.shape[1]))
+    tile = tile_rows(chunk.shape[1])
     return screening.row_norms(chunk, tile, lambda x, sq, start: check_finite(x, sq, offset + start))
 
 
@@ -152,7 +157,7 @@ def lloyd_chunk_many(
     new_states, stats = [], []
     for m, k in enumerate(sizes):
         model = screening.prepare(centers[edges[m] : edges[m + 1]], norms.screen)
-        tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], k))
+        tile = tile_rows(max(chunk.shape[1], k))
         state = states[m]
         if state is not None and (state.labels.shape[0] != chunk.shape[0] or state.centers.shape != model.c64.shape):
             state = None
@@ -208,7 +213,7 @@ def labels_of(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.nda
 
 def _labels(chunk, norms, centers) -> np.ndarray:
     model = screening.prepare(centers, norms.screen)
-    tile = max(1, TILE_ELEMENTS // max(chunk.shape[1], model.k))
+    tile = tile_rows(max(chunk.shape[1], model.k))
     return screening.assign_rows(chunk, norms, model, tile)[0]
 
 
