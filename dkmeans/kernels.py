@@ -152,33 +152,43 @@ def lloyd_chunk_many(
     """
     if norms is None:
         norms = chunk_norms(chunk, offset)
-    states = states or [None] * len(sizes)
+    states = list(states or [None] * len(sizes))
     edges = np.cumsum((0,) + tuple(sizes))
-    new_states, stats = [], []
+    models, moved, todo = [], [], {}
     for m, k in enumerate(sizes):
         model = screening.prepare(centers[edges[m] : edges[m + 1]], norms.screen)
-        tile = tile_rows(max(chunk.shape[1], k))
         state = states[m]
         if state is not None and (state.labels.shape[0] != chunk.shape[0] or state.centers.shape != model.c64.shape):
-            state = None
-        if state is not None and np.array_equal(state.centers, model.c64):
-            labels, upper, lower = state.labels, state.upper, state.lower  # the same centres: the same assignment
-        elif state is not None and bounds:
-            labels, upper, lower, _ = screening.bounded_pass(chunk, norms, model, state, tile)
+            state = states[m] = None
+        if state is None:
+            todo[m] = None  # every row, every distance
+        elif not np.array_equal(state.centers, model.c64):
+            if bounds:
+                state, todo[m] = screening.bounds_filter(chunk, norms, model, state, tile_rows(max(chunk.shape[1], k)))
+            else:
+                state, todo[m] = None, None
+        models.append(model)
+        moved.append(state)  # the same centres: the same state
+    done = screening.assign_rows_many(chunk, norms, [models[m] for m in todo], list(todo.values()), tile_rows)
+    for m, assigned in zip(todo, done):
+        if moved[m] is None:
+            moved[m] = screening.fresh_state(models[m].c64, *assigned, None)
         else:
-            labels, upper, lower = screening.assign_rows(chunk, norms, model, tile)
-        sums = _sums_from(chunk, norms, labels, k, state)
-        counts = np.bincount(labels, minlength=k).astype(np.int64)
+            moved[m] = screening.settle(moved[m], todo[m], *assigned)
+    stats = []
+    for m, k in enumerate(sizes):
+        state = moved[m]
+        sums = _sums_from(chunk, norms, state.labels, k, states[m])
+        state.sums = sums if norms.integral else None
+        counts = np.bincount(state.labels, minlength=k).astype(np.int64)
         if n_far[m]:
-            d2 = own_sq_distances(chunk, norms, model.c64, labels)
+            d2 = own_sq_distances(chunk, norms, models[m].c64, state.labels)
             far_d2, far_index = farthest(d2, n_far[m], offset)
-            far_label = labels[far_index - offset].astype(np.int64)
+            far_label = state.labels[far_index - offset].astype(np.int64)
         else:
             far_d2, far_index, far_label = np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        upper, lower = screening.float32_up(upper), screening.float32_down(lower)  # half the worker memory
-        new_states.append(screening.ModelState(model.c64, labels, upper, lower, sums if norms.integral else None))
         stats.append(ChunkStats(sums, counts, norms.total, far_d2, far_index, far_label))
-    return new_states, stats
+    return moved, stats
 
 
 def _sums_from(chunk, norms, labels, k, state) -> np.ndarray:

@@ -25,6 +25,8 @@ ROUNDING = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
 FLOAT32_SAFE = 1e15
 # Relative slack added to bounds and shifts for their own float64 rounding.
 BOUND_SLACK = 1e-9
+# Models with fewer centres recompute a doubtful row outright rather than first tightening its upper bound.
+TIGHTEN_MIN_K = 128
 # Lower bounds kept per row: one per centre for small k, else one per group of neighbouring indices.
 GROUPS = 32
 
@@ -59,13 +61,35 @@ class Centres:
 
 @dataclass
 class ModelState:
-    """A model's assignment of a chunk: what the next pass starts from (kept on the chunk's worker)."""
+    """A model's assignment of a chunk: what the next pass starts from (kept on the chunk's worker).
+
+    The group bounds are refreshed only for rows whose distances are
+    recomputed: ``lower[i]`` holds at pass ``stamp[i]``, and ``drift[t]`` is
+    the sum of the groups' largest shifts over passes before t, so a bound of
+    today is ``lower[i] - (drift[now] - drift[stamp[i]])`` (see group_bounds).
+    ``nearest`` is one lower bound for all other centres, kept current every
+    pass at O(1) per row: most rows are settled by it alone.
+    """
 
     centers: np.ndarray  # the centres the labels and bounds refer to
     labels: np.ndarray  # int32
-    upper: np.ndarray  # >= distance to the own centre
-    lower: np.ndarray  # (n, groups): <= distance to every other centre of the group
+    upper: np.ndarray  # float64, >= distance to the own centre
+    nearest: np.ndarray  # float64, <= distance to every other centre
+    lower: np.ndarray  # (n, groups) float32: <= distance to every other centre of the group, at pass stamp
+    stamp: np.ndarray  # int32 pass of each row's group bounds
+    drift: np.ndarray  # (passes + 1, groups) float64 cumulative largest group shifts
     sums: np.ndarray | None  # exact int64 per-cluster sums of the labels (integral rows only)
+
+    def group_bounds(self, which=slice(None)) -> np.ndarray:
+        """Today's per-group lower bounds of rows ``which`` (float64, rounded down)."""
+        now = self.drift.shape[0] - 1
+        stamp = self.stamp[which]
+        moved = (self.drift[now] - self.drift[stamp]) * (1 + BOUND_SLACK)
+        # The cumulative sums' own rounding: at most one ulp of the largest total per pass summed.
+        moved += ((now - stamp + 1) * 2.0**-52)[:, None] * self.drift[now]
+        bounds = self.lower[which].astype(np.float64) - moved
+        bounds *= 1 - BOUND_SLACK  # the subtraction's rounding (a negative bound settles nothing either way)
+        return bounds
 
 
 def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:
@@ -137,31 +161,44 @@ def group_min(values: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def nearest_with_bounds(x: np.ndarray, rows: RowNorms, idx, model: Centres):
-    """Labels, upper bounds and per-group lower bounds for rows ``x`` (the chunk's rows ``idx``, as stored).
+def row_min(values: np.ndarray) -> np.ndarray:
+    """Minimum of each row; column by column for narrow arrays, several times faster than min(axis=1) there."""
+    if values.shape[1] > GROUPS:
+        return values.min(axis=1)
+    out = values[:, 0].copy()
+    for j in range(1, values.shape[1]):
+        np.minimum(out, values[:, j], out=out)
+    return out
+
+
+def bounds_from_products(scores: np.ndarray, chunk: np.ndarray, rows: RowNorms, idx: np.ndarray, model: Centres):
+    """Labels and bounds of the chunk's rows ``idx`` from their screened products ``x @ model.cst`` (overwritten).
 
     The label is the argmin of the float64 squared distances (clipped at zero,
     lowest index on ties), computed in float64 only where screening cannot
-    settle it. ``upper`` bounds the distance to the own centre, ``lower[:, g]``
-    the distance to every other centre of group g.
+    settle it. Returns labels (int32), ``upper`` (float64, >= the distance to
+    the own centre) and ``lower`` (float32 rounded down, ``lower[:, g]`` <= the
+    distance to every other centre of group g). The error bound holds for any
+    summation order, so a product against many models' centres stacked gives
+    the same labels.
     """
-    idx = np.arange(idx.start, idx.stop) if isinstance(idx, slice) else idx
-    xs = x.astype(model.cs.dtype, copy=False)
-    scores = xs @ model.cst
     scores *= -2
     scores += model.sqs
     labels = np.argmin(scores, axis=1)
     at = np.arange(labels.size)
     best = scores[at, labels].astype(np.float64)
     scores[at, labels] = np.inf
-    others = group_min(scores, model.k).astype(np.float64)
+    others = group_min(scores, model.k)
     x_sq = rows.sq[idx]
     error = _error(rows, idx, model, model.slack)
     upper2 = x_sq + best + error
-    lower2 = others + (x_sq - error)[:, None]
-    unsure = np.flatnonzero(lower2.min(axis=1) <= upper2)
+    floor = x_sq - error
+    # min over groups commutes with adding the same float64 floor, so this is min(lower2) <= upper2, per row
+    unsure = np.flatnonzero(row_min(others).astype(np.float64) + floor <= upper2)
+    lower2 = others.astype(np.float64)
+    lower2 += floor[:, None]
     if unsure.size:
-        d2 = _exact_sq_distances(x[unsure], x_sq[unsure], model)
+        d2 = _exact_sq_distances(chunk[idx[unsure]], x_sq[unsure], model)
         lab = np.argmin(d2, axis=1)
         at = np.arange(lab.size)
         error = _error(rows, idx[unsure], model, (2 * model.c64.shape[1] + 16) * 2.0**-53)
@@ -169,7 +206,8 @@ def nearest_with_bounds(x: np.ndarray, rows: RowNorms, idx, model: Centres):
         upper2[unsure] = d2[at, lab] + error
         d2[at, lab] = np.inf
         lower2[unsure] = group_min(d2, model.k) - error[:, None]
-    return labels.astype(np.int32), np.sqrt(np.maximum(upper2, 0)), np.sqrt(np.maximum(lower2, 0))
+    lower = float32_down(np.sqrt(np.maximum(lower2, 0, out=lower2), out=lower2))
+    return labels.astype(np.int32), np.sqrt(np.maximum(upper2, 0)), lower
 
 
 def _exact_sq_distances(x: np.ndarray, x_sq: np.ndarray, model: Centres) -> np.ndarray:
@@ -183,21 +221,79 @@ def _exact_sq_distances(x: np.ndarray, x_sq: np.ndarray, model: Centres) -> np.n
 
 
 def assign_rows(chunk: np.ndarray, rows: RowNorms, model: Centres, tile_rows: int, which=None):
-    """nearest_with_bounds over the chunk's rows ``which`` (all when None), tile by tile."""
-    n = chunk.shape[0] if which is None else which.size
-    labels = np.empty(n, dtype=np.int32)
-    upper = np.empty(n)
-    lower = np.empty((n, n_groups(model.k)))
-    for start in range(0, n, tile_rows):
-        part = slice(start, min(start + tile_rows, n))
-        idx = part if which is None else which[part]
-        labels[part], upper[part], lower[part] = nearest_with_bounds(chunk[idx], rows, idx, model)
-    return labels, upper, lower
+    """Labels and bounds (bounds_from_products) of the chunk's rows ``which`` (all when None)."""
+    return assign_rows_many(chunk, rows, [model], [which], lambda width: tile_rows)[0]
 
 
-def float32_up(x: np.ndarray) -> np.ndarray:
-    """x in float32 (half the memory on the workers), rounded up: still an upper bound."""
-    return np.nextafter(np.asarray(x, dtype=np.float32), np.float32(np.inf))
+# A model joins the stacked product when it needs at least this share of the rows being computed.
+STACK_SHARE = 0.3
+# Screened products held at once: 2 MiB of float32. Their post-processing runs per model over a whole
+# block, so its Python overhead is paid per block rather than per tile of the matrix product.
+BLOCK_ELEMENTS = 2**19
+
+
+def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], whiches: list, tile_rows):
+    """assign_rows for several models, each over its own rows (None: all), sharing the matrix products.
+
+    Models that need most of the rows any of them needs get one product
+    against all their centres stacked: each tile is converted once and the
+    product runs at the speed of a large k. The others go alone.
+    ``tile_rows(width)`` sizes the tiles. Returns assign_rows' triple per model.
+    """
+    n = chunk.shape[0]
+    wanted = [np.arange(n) if w is None else np.asarray(w, dtype=np.intp) for w in whiches]
+    needed = np.zeros(n, dtype=bool)
+    for w in wanted:
+        needed[w] = True
+    union = np.flatnonzero(needed)
+    dense = [m for m, w in enumerate(wanted) if w.size and w.size >= STACK_SHARE * union.size]
+    stacked = [m for m in dense if models[m].cs.dtype == models[dense[0]].cs.dtype]
+    groups = [[m] for m in range(len(models)) if len(stacked) < 2 or m not in stacked]
+    if len(stacked) > 1:
+        groups.append(stacked)
+    out = [None] * len(models)
+    for group in groups:
+        over = union if len(group) > 1 else wanted[group[0]]
+        done = _assign_together(chunk, rows, [models[m] for m in group], [wanted[m] for m in group], over, tile_rows)
+        for m, result in zip(group, done):
+            out[m] = result
+    return out
+
+
+def _assign_together(chunk, rows, models, wanted, over, tile_rows):
+    """One stacked product over the rows ``over``, block by block; each model keeps its ``wanted`` rows."""
+    cst = models[0].cst if len(models) == 1 else np.hstack([model.cst for model in models])
+    edges = np.cumsum([0] + [model.k for model in models])
+    out = [
+        (np.empty(w.size, dtype=np.int32), np.empty(w.size), np.empty((w.size, n_groups(model.k)), dtype=np.float32))
+        for model, w in zip(models, wanted)
+    ]
+    member = np.zeros((len(models), chunk.shape[0]), dtype=bool)
+    for j, w in enumerate(wanted):
+        member[j, w] = True
+    filled = [0] * len(models)
+    contiguous = over.size and over[-1] - over[0] + 1 == over.size  # read tiles as slices, not gathers
+    step = tile_rows(max(chunk.shape[1], cst.shape[1]))
+    block = max(step, BLOCK_ELEMENTS // max(1, cst.shape[1]))
+    for start in range(0, over.size, block):
+        idx = over[start : start + block]
+        products = np.empty((idx.size, cst.shape[1]), dtype=cst.dtype)
+        for t in range(0, idx.size, step):
+            x = chunk[idx[t] : idx[t] + step] if contiguous else chunk[idx[t : t + step]]
+            np.matmul(x[: idx.size - t].astype(cst.dtype, copy=False), cst, out=products[t : t + step])
+        for j, model in enumerate(models):
+            mine = member[j, idx]
+            columns = slice(edges[j], edges[j + 1])
+            if mine.all():  # a view: the model's columns are its own to overwrite
+                scores, sel = products[:, columns], idx
+            else:
+                scores, sel = products[mine, columns], idx[mine]
+            got = bounds_from_products(scores, chunk, rows, sel, model)
+            part = slice(filled[j], filled[j] + sel.size)
+            for target, value in zip(out[j], got):
+                target[part] = value
+            filled[j] = part.stop
+    return out
 
 
 def float32_down(x: np.ndarray) -> np.ndarray:
@@ -212,43 +308,64 @@ def shifts(new: Centres, old_centers: np.ndarray) -> np.ndarray:
     return moved * (1 + BOUND_SLACK)
 
 
-def bounded_pass(chunk: np.ndarray, rows: RowNorms, model: Centres, state: ModelState, tile_rows: int):
-    """Labels and bounds for the new centres, computing distances only for rows the bounds cannot settle.
+def fresh_state(centers, labels, upper, lower, sums) -> ModelState:
+    """The state of rows whose every distance was just computed (pass 0 of their bounds)."""
+    lower = float32_down(lower)
+    nearest = row_min(lower).astype(np.float64)
+    stamp = np.zeros(labels.size, dtype=np.int32)
+    return ModelState(centers, labels, upper, nearest, lower, stamp, np.zeros((1, lower.shape[1])), sums)
 
-    The bounds are Yinyang's (Ding et al., 2015): an upper bound on the
-    distance to the own centre, which grows by that centre's shift, and a
-    lower bound per group of centres, which shrinks by the group's largest
-    shift. A row whose upper bound is below all its lower bounds keeps its
-    centre. The others get the one distance to their own centre (tightening
-    the upper bound), and those still in doubt all k distances, in one matrix
-    product (Yinyang's per-group local filter would cost a gather per group,
-    more than the product saves in numpy). Returns (labels, upper, lower,
-    rows recomputed).
+
+def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: ModelState, tile_rows: int):
+    """First half of a bounded pass: move the bounds by the shifts and find the rows they cannot settle.
+
+    The bounds are Yinyang's (Ding et al., 2015), checked cheapest first: one
+    lower bound for all other centres (shrinks by the largest shift), then
+    for rows it cannot settle the per-group bounds (shrink by their group's
+    largest shift), then (for large k) the one distance to the own centre
+    (tightening the upper bound, which grows by the own centre's shift). Returns the moved
+    state, not yet updated for the returned rows, which need all k distances
+    (one matrix product; Yinyang's per-group local filter would cost a gather
+    per group, more than the product saves in numpy).
     """
-    labels = state.labels.copy()
+    labels = state.labels
     moved = shifts(model, state.centers)
+    group_shift = np.maximum.reduceat(moved, group_starts(model.k)) * (1 + BOUND_SLACK)
+    drift = np.vstack([state.drift, state.drift[-1] + group_shift])
     upper = (state.upper + moved[labels]) * (1 + BOUND_SLACK)
-    # The lower bounds stay float32 (n x groups is the bulk of the work): subtract the shifts rounded up,
-    # then shave a few float32 ulps so that the subtraction's own rounding cannot lift a bound.
-    group_shift = np.maximum.reduceat(moved, group_starts(model.k)).astype(np.float32)
-    group_shift = np.nextafter(group_shift, np.float32(np.inf))
-    lower = state.lower - group_shift
-    lower *= np.float32(1 - 2.0**-20)
-    nearest_other = lower.min(axis=1)
-    loose = np.flatnonzero(~(upper < nearest_other))
-    # Tighten the upper bound with the one distance to the own centre (screened, with its error); not worth
-    # it when nearly all rows are in doubt anyway (the first passes): they all get every distance.
-    if loose.size > 0.9 * labels.size:
-        upper[loose] = np.inf
-    for start in range(0, loose.size if loose.size <= 0.9 * labels.size else 0, tile_rows):
+    nearest = (state.nearest - moved.max()) * (1 - BOUND_SLACK)
+    moved_state = ModelState(model.c64, labels, upper, nearest, state.lower, state.stamp, drift, state.sums)
+    loose = np.flatnonzero(~(upper < nearest))
+    if loose.size:
+        nearest[loose] = row_min(moved_state.group_bounds(loose))
+        loose = loose[~(upper[loose] < nearest[loose])]
+    # Tighten the upper bound with the one distance to the own centre (screened, with its error): one dot
+    # product per row against k for recomputing the row, and the product would give fresh bounds. Measured on
+    # MNIST, it pays from about k = 128, and only after the first passes, when most rows are settled.
+    if model.k < TIGHTEN_MIN_K or loose.size > 0.9 * labels.size:
+        return moved_state, loose
+    for start in range(0, loose.size, tile_rows):
         idx = loose[start : start + tile_rows]
         own = labels[idx]
         xs = chunk[idx].astype(model.cs.dtype, copy=False)
         dots = np.einsum("ij,ij->i", xs, model.cs[own]).astype(np.float64)
         d2 = rows.sq[idx] - 2 * dots + model.sq64[own] + _error(rows, idx, model, model.slack)
         upper[idx] = np.sqrt(np.maximum(d2, 0))
-    still = loose[~(upper[loose] < nearest_other[loose])]
-    if still.size:
-        labels[still], upper[still], fresh = assign_rows(chunk, rows, model, tile_rows, which=still)
-        lower[still] = float32_down(fresh)
-    return labels, upper, lower, int(still.size)
+    return moved_state, loose[~(upper[loose] < nearest[loose])]
+
+
+def settle(state: ModelState, which: np.ndarray, labels, upper, lower) -> ModelState:
+    """Second half of a bounded pass: the rows ``which`` with all their distances computed (assign_rows).
+
+    ``state`` is bounds_filter's moved state; its fresh bound arrays are updated in place.
+    """
+    if not which.size:
+        return state
+    now = state.drift.shape[0] - 1
+    new_labels, new_upper, new_lower = state.labels.copy(), state.upper, state.lower.copy()
+    new_stamp, nearest = state.stamp.copy(), state.nearest
+    new_labels[which], new_upper[which] = labels, upper
+    fresh = float32_down(lower)
+    new_lower[which], new_stamp[which] = fresh, now
+    nearest[which] = row_min(fresh)
+    return ModelState(state.centers, new_labels, new_upper, nearest, new_lower, new_stamp, state.drift, state.sums)

@@ -27,8 +27,8 @@ def centres_of(X, k, seed):
     return X[idx].astype(np.float64).mean(axis=1)
 
 
-def check_bounds(x, centers, labels, upper, lower):
-    """upper >= distance to the own centre, lower[:, g] <= distance to every other centre of group g."""
+def check_bounds(x, centers, labels, upper, lower, nearest=None):
+    """upper >= distance to the own centre, lower[:, g] (nearest) <= distance to every other centre of group g (all)."""
     d = np.sqrt(ref_sq_distances(x, centers))
     at = np.arange(len(x))
     assert (upper >= d[at, labels] * (1 - 1e-12)).all()
@@ -36,6 +36,8 @@ def check_bounds(x, centers, labels, upper, lower):
     d[at, labels] = np.inf
     group_min = np.minimum.reduceat(d, starts, axis=1)
     assert (lower <= group_min * (1 + 1e-12)).all()
+    if nearest is not None:
+        assert (nearest <= group_min.min(axis=1) * (1 + 1e-12)).all()
 
 
 @pytest.mark.parametrize("k", [1, 2, 10, 64, 200])
@@ -85,33 +87,33 @@ def test_huge_values_are_screened_in_float64():
     np.testing.assert_array_equal(labels, ref_sq_distances(x, c).argmin(axis=1))
 
 
-@pytest.mark.parametrize("k", [10, 64])
-def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, mnist_numpy, k):
+@pytest.mark.parametrize("k", [10, 64, 200])  # 200: doubtful rows first tighten their upper bound
+def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, k):
     """Ten Lloyd iterations: with bounds, every pass has the brute-force labels and sums, with fewer distances."""
-    X, _ = mnist_numpy
-    centers = X[np.random.default_rng(k).choice(len(X), k, replace=False)].astype(np.float64)
+    centers = rows[np.random.default_rng(k).choice(len(rows), k, replace=False)].astype(np.float64)
     norms = kernels.chunk_norms(rows)
     state, recomputed = None, []
-    real = screening.bounded_pass
+    real = screening.bounds_filter
 
     def counting(*args):
         out = real(*args)
-        recomputed.append(out[3])
+        recomputed.append(out[1].size)
         return out
 
     for _ in range(10):
         brute_states, brute = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms)
-        screening.bounded_pass = counting
+        screening.bounds_filter = counting
         try:
             states, fast = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
         finally:
-            screening.bounded_pass = real
+            screening.bounds_filter = real
         np.testing.assert_array_equal(states[0].labels, ref_sq_distances(rows, centers).argmin(axis=1))
         np.testing.assert_array_equal(states[0].labels, brute_states[0].labels)
         np.testing.assert_array_equal(fast[0].sums, brute[0].sums)  # incremental exact sums = full sums
         np.testing.assert_array_equal(fast[0].counts, brute[0].counts)
         assert fast[0].sq_total == brute[0].sq_total
-        check_bounds(rows, centers, states[0].labels, states[0].upper, states[0].lower)
+        s = states[0]
+        check_bounds(rows, centers, s.labels, s.upper, s.group_bounds(), s.nearest)
         state = states[0]
         centers = kernels.update_centers(fast[0], centers)
     assert len(recomputed) == 9  # every pass after the first used the bounds
@@ -136,3 +138,23 @@ def test_float_rows_with_fractions_are_summed_in_float64(rows):
     assert stats[0].sums.dtype == np.float64
     labels = ref_sq_distances(x, c).argmin(axis=1)
     np.testing.assert_allclose(stats[0].sums, [x[labels == j].sum(axis=0) for j in range(3)], rtol=1e-12)
+
+
+def test_stacked_products_give_each_model_its_own_labels_and_bounds(rows, mnist_numpy):
+    """Several models over overlapping row sets (a sweep's pass): stacked or alone, each gets the float64 argmin."""
+    X, _ = mnist_numpy
+    x = rows[:1500]
+    norms = kernels.chunk_norms(x)
+    ks = [1, 3, 7, 40, 64]
+    models = [screening.prepare(centres_of(X, k, seed=k), norms.screen) for k in ks]
+    rng = np.random.default_rng(3)
+    # all rows, most rows (stacked with the first), a few rows (alone), none, and a strided half
+    most, few = np.sort(rng.choice(1500, 1200, replace=False)), np.array([5, 900, 1499])
+    whiches = [None, most, few, np.array([], int), np.arange(0, 1500, 2)]
+    results = screening.assign_rows_many(x, norms, models, whiches, lambda width: 97)
+    for model, which, (labels, upper, lower) in zip(models, whiches, results):
+        sub = x if which is None else x[which]
+        np.testing.assert_array_equal(labels, ref_sq_distances(sub, model.c64).argmin(axis=1))
+        check_bounds(sub, model.c64, labels, upper, lower)
+        alone = screening.assign_rows(x, norms, model, 97, which)
+        np.testing.assert_array_equal(alone[0], labels)
