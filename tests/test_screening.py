@@ -158,3 +158,15 @@ def test_stacked_products_give_each_model_its_own_labels_and_bounds(rows, mnist_
         check_bounds(sub, model.c64, labels, upper, lower)
         alone = screening.assign_rows(x, norms, model, 97, which)
         np.testing.assert_array_equal(alone[0], labels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_small_integer_norms_are_exact(dtype):
+    """8- and 16-bit rows take an integer path (int32 or int64 sums of squares): the float64 values, exactly."""
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(1).integers(info.min, info.max, (700, 784), endpoint=True).astype(dtype)
+    x[0] = info.max  # the largest squares the accumulator must hold
+    norms = kernels.chunk_norms(x)
+    ref = (x.astype(np.float64) ** 2).sum(axis=1)
+    np.testing.assert_array_equal(norms.sq, ref)
+    assert norms.total == float(ref.sum()) and norms.integral and norms.screen == np.float32
