@@ -495,6 +495,7 @@ def part_memory(args, mnist):
     tile = dk_kernels.TILE_ELEMENTS
     kd = k * d * 8  # one k x d 8-byte array: centres, or one chunk's partial sums
     groups = dk_screening.n_groups(k)
+    block = dk_screening.BLOCK_ELEMENTS * 4
     print(f"  fit: {seconds:.1f} s, {est.n_iter_ + 1} passes")
     print(
         f"{'worker':<26} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} {'increase':>9} {'bound':>7}"
@@ -502,11 +503,12 @@ def part_memory(args, mnist):
     for w in pids:
         peak = max(sampler.peak[w], hwm[w] or 0)
         # What a fit adds to a worker, at most: regrouping its rows into one chunk (the pieces and the joined
-        # copy), six tile-sized 8-byte temporaries, the per-row state (int32 label, float32 upper bound,
-        # float32 lower bound per group, float64 squared norm and norm), seven k x d arrays (float64 centres
+        # copy), six tile-sized 8-byte temporaries, one block of float32 products, the per-row state (int32 label
+        # and bound stamp, float64 upper bound and bound for all other centres, float32 lower bound per group,
+        # float64 squared norm and norm), seven k x d arrays (float64 centres
         # and their two float32 copies, the sums as float64 and int64, the previous pass's sums kept in the
         # state and the partial sums awaiting the client) and the allocator's retained heap.
-        bound = 2 * rows * d + 6 * tile * 8 + rows * (24 + 4 * groups) + 7 * kd + dk_allocator.THRESHOLD
+        bound = 2 * rows * d + 6 * tile * 8 + block + rows * (40 + 4 * groups) + 7 * kd + dk_allocator.THRESHOLD
         kp = f"{hwm[w] / 1e6:12.1f}" if hwm[w] else f"{'-':>12}"
         print(
             f"{w:<26} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
@@ -518,8 +520,8 @@ def part_memory(args, mnist):
     )
     print(
         f"  bound: regrouping into one chunk ({2 * rows * d / 1e6:.1f} MB), six tiles of TILE_ELEMENTS={tile:,} values "
-        f"({6 * tile * 8 / 1e6:.1f} MB), per-row state with {groups} lower bounds "
-        f"({rows * (24 + 4 * groups) / 1e6:.1f} MB), seven k x d arrays ({7 * kd / 1e6:.1f} MB) and "
+        f"({6 * tile * 8 / 1e6:.1f} MB), a block of products ({block / 1e6:.1f} MB), per-row state with {groups} "
+        f"lower bounds ({rows * (40 + 4 * groups) / 1e6:.1f} MB), seven k x d arrays ({7 * kd / 1e6:.1f} MB) and "
         f"{dk_allocator.THRESHOLD >> 20} MiB of allocator slack"
     )
     print(
