@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import dask
@@ -302,7 +303,7 @@ def lloyd_many(
         while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
             began = time.perf_counter()
             ids = tuple(i for i, _ in active)
-            stats, parts = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds)
+            stats = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds)
             far_rows = _relocation_rows(client, data, stats, [r.centers for _, r in active], ids, fit)
             seconds = time.perf_counter() - began
             finished = []
@@ -328,8 +329,7 @@ def lloyd_many(
                     run.result = LloydResult(run.centers, None, inertia, done_iter, run.losses)
                     finished.append((index, run))
             for index, run in finished:
-                run.result.labels = _final_labels(client, data, parts, run.centers, fit, index)
-            del stats, parts  # free this pass's partials on the workers before the next pass makes its own
+                run.result.labels = _final_labels(client, data, run.centers, fit, index)
     finally:
         _forget(client, fit)
     return [r.result for r in runs]
@@ -353,7 +353,7 @@ def _relocation_rows(client: Client, data: ChunkedData, stats: list, centers: li
     empty = [slot for slot, st in enumerate(stats) if (st.counts == 0).any()]
     if not empty:
         return [None] * len(stats)
-    with_far, _ = lloyd_pass(
+    with_far = lloyd_pass(
         client, data, [centers[s] for s in empty], tuple(ids[s] for s in empty), fit, far=True, bounds=False
     )
     for slot, st in zip(empty, with_far):
@@ -369,14 +369,13 @@ def _relocation_rows(client: Client, data: ChunkedData, stats: list, centers: li
 
 def lloyd_pass(
     client: Client, data: ChunkedData, centers: list[np.ndarray], ids: tuple, fit: str, *, far=False, bounds=True
-) -> tuple[list[kernels.ChunkStats], list[Future]]:
+) -> list[kernels.ChunkStats]:
     """Map the Lloyd chunk step over the chunks and reduce the partials: the stats of each model.
 
     ``ids`` name the models in the workers' memory of ``fit`` (worker_state):
     each chunk task starts from its last assignment there when it has one.
     With ``far``, each model also gets its k farthest rows (for relocation).
-    Also returns the chunk tasks' futures: later tasks that depend on them
-    run where the pass left its assignments.
+    The chunk tasks' partials are released as soon as they are added up.
     """
     sizes = tuple(c.shape[0] for c in centers)
     n_far = sizes if far else (0,) * len(sizes)
@@ -387,7 +386,7 @@ def lloyd_pass(
     # row), so that the final labels need no extra read of the data.
     keep = "all" if data.persisted else "labels"
     parts = map_chunk_futures(client, data, _lloyd_task, stacked, sizes, n_far, ids, fit, bounds, keep, name="assign")
-    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce"), parts
+    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce")
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset, index):
@@ -402,8 +401,17 @@ def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset,
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )
     for m, state in zip(ids, new_states):
-        worker_state.put((fit, index, m), state if keep == "all" else _Labels(_digest(state.centers), state.labels))
+        if keep == "all":
+            worker_state.put((fit, index, m), state)
+        else:
+            labels = _Labels(_digest(state.centers), state.labels)
+            worker_state.put((fit, index, m), labels, stale=partial(_stale, m, labels.digest))
     return stats
+
+
+def _stale(model, digest, key, value) -> bool:
+    """A streamed chunk's labels from an earlier pass of the same model (the chunk ran elsewhere since)."""
+    return key[2] == model and isinstance(value, _Labels) and value.digest != digest
 
 
 def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=None) -> list[np.ndarray]:
@@ -419,34 +427,41 @@ def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=
     return client.gather(client.compute(parts))
 
 
-def _final_labels(client: Client, data: ChunkedData, parts: list[Future], centers, fit: str, model: int):
+def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: int):
     """A finished model's labels: those its last pass left on the workers, without reading the data again.
 
-    Each task depends on its chunk's task of that pass, so it runs on the
-    worker that holds the assignment; the chunks whose assignment is gone
+    One task per worker (named dkmeans-labels on the dashboard) returns the
+    labels it holds for these centres; the chunks whose labels are nowhere
     (evicted, or a worker lost since) are labelled again from the data.
     """
     tag = _tag("labels")
-    found = client.gather(
-        [
-            client.submit(_remembered_labels, part, centers, fit, model, i, key=(tag, i), pure=False)
-            for i, part in enumerate(parts)
-        ]
-    )
-    missing = [i for i, labels in enumerate(found) if labels is None]
+    digest = _digest(centers)
+    found = {}
+    workers = list(client.scheduler_info()["workers"])
+    held = [
+        client.submit(_held_labels, fit, model, digest, key=(tag, "held", i), workers=[w], allow_other_workers=True)
+        for i, w in enumerate(workers)
+    ]
+    for labels_by_chunk in client.gather(held):
+        found.update(labels_by_chunk)
+    missing = [i for i in range(data.n_chunks) if i not in found]
     if missing:
-        for i, labels in zip(missing, chunk_labels(client, data, centers, missing)):
-            found[i] = labels
-    return np.concatenate(found).astype(np.int64)
+        found.update(zip(missing, chunk_labels(client, data, centers, missing)))
+    return np.concatenate([found[i] for i in range(data.n_chunks)]).astype(np.int64)
 
 
-def _remembered_labels(_pass_stats, centers, fit, model, index):
-    state = worker_state.get((fit, index, model))
-    if isinstance(state, _Labels):
-        return state.labels if state.digest == _digest(centers) else None
-    if state is not None and np.array_equal(state.centers, centers):
-        return state.labels
-    return None
+def _held_labels(fit, model, digest) -> dict:
+    """This worker's labels of one model of a fit, by chunk, where they are for the centres with this digest."""
+    out = {}
+    for (_, index, which), state in worker_state.entries(fit):
+        if which != model:
+            continue
+        if isinstance(state, _Labels):
+            if state.digest == digest:
+                out[index] = state.labels
+        elif _digest(state.centers) == digest:
+            out[index] = state.labels
+    return out
 
 
 @dataclass

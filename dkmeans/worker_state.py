@@ -47,12 +47,14 @@ def get(key):
         return entry[1]
 
 
-def put(key, value) -> None:
+def put(key, value, *, stale=None) -> None:
     """Remember value under key (key[0] is the fit), making room by forgetting other fits, oldest first.
 
-    A fit never evicts its own entries: when its state does not fit, the
-    entries that came first stay (a pass over many chunks then finds the same
-    share of them every time, where evicting would find none).
+    A fit never evicts its own entries, except those ``stale(key, value)``
+    says are out of date (labels for centres of an earlier pass, left on this
+    worker when the chunk's task ran elsewhere since): when its state does not
+    fit, the entries that came first stay (a pass over many chunks then finds
+    the same share of them every time, where evicting would find none).
     """
     global _used
     size = _nbytes(value)
@@ -61,12 +63,23 @@ def put(key, value) -> None:
         old = _entries.pop(key, None)
         if old is not None:
             _used -= old[0]
-        others = (other for other in list(_entries) if other[0] != key[0])
-        while _used + size > budget and (victim := next(others, None)) is not None:
-            _used -= _entries.pop(victim)[0]
+        victims = (
+            other
+            for other in list(_entries)
+            if other[0] != key[0] or (stale is not None and stale(other, _entries[other][1]))
+        )
+        while _used + size > budget and (victim := next(victims, None)) is not None:
+            if victim in _entries:
+                _used -= _entries.pop(victim)[0]
         if _used + size <= budget:
             _entries[key] = (size, value)
             _used += size
+
+
+def entries(fit: str) -> list:
+    """(key, value) of every entry of one fit."""
+    with _lock:
+        return [(key, entry[1]) for key, entry in _entries.items() if key[0] == fit]
 
 
 def forget(fit: str) -> int:

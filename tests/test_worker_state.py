@@ -58,3 +58,16 @@ def test_a_new_fit_evicts_older_fits_first(budget_of_4_kb):
 def test_an_entry_larger_than_the_budget_is_not_kept(budget_of_4_kb):
     worker_state.put(("fit", 0, 0), kb(5))
     assert worker_state.get(("fit", 0, 0)) is None and worker_state._used == 0
+
+
+def test_stale_entries_of_the_same_fit_make_room(budget_of_4_kb):
+    """Labels of an earlier pass (the chunk ran on another worker since) give way to this pass's."""
+    for chunk in range(4):
+        worker_state.put(("fit-a", chunk, 0), Entry(np.full(128, 1.0)))  # pass 1 fills the budget
+    fresh = Entry(np.full(128, 2.0))
+    worker_state.put(("fit-a", 9, 0), fresh, stale=lambda key, value: value.values[0] == 1.0)
+    assert worker_state.get(("fit-a", 9, 0)) is fresh
+    assert worker_state.get(("fit-a", 0, 0)) is None  # the oldest stale entry went
+    assert [worker_state.get(("fit-a", c, 0)) is not None for c in (1, 2, 3)] == [True] * 3
+    worker_state.put(("fit-a", 10, 0), kb(), stale=lambda key, value: False)  # nothing stale: not stored
+    assert worker_state.get(("fit-a", 10, 0)) is None and worker_state._used == 4096
