@@ -249,9 +249,11 @@ BLOCK_ELEMENTS = 2**19
 def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], whiches: list, tile_rows):
     """assign_rows for several models, each over its own rows (None: all), sharing the matrix products.
 
-    Models that need most of the rows any of them needs get one product
-    against all their centres stacked: each tile is converted once and the
-    product runs at the speed of a large k. The others go alone.
+    Models that need at least STACK_SHARE of the rows any of them needs get
+    one product against all their centres stacked: each tile is converted
+    once and the product runs at the speed of a large k (computing some rows
+    a model does not need costs less than converting them again for it). The
+    others go alone.
     ``tile_rows(width)`` sizes the tiles. Returns assign_rows' triple per model.
     """
     n = chunk.shape[0]
