@@ -172,7 +172,7 @@ def lloyd_chunk_many(
     done = screening.assign_rows_many(chunk, norms, [models[m] for m in todo], list(todo.values()), tile_rows)
     for m, assigned in zip(todo, done):
         if moved[m] is None:
-            moved[m] = screening.fresh_state(models[m].c64, *assigned, None)
+            moved[m] = screening.fresh_state(models[m].c64, *assigned)
         else:
             moved[m] = screening.settle(moved[m], todo[m], *assigned)
     stats = []

@@ -324,12 +324,12 @@ def shifts(new: Centres, old_centers: np.ndarray) -> np.ndarray:
     return moved * (1 + BOUND_SLACK)
 
 
-def fresh_state(centers, labels, upper, lower, sums) -> ModelState:
-    """The state of rows whose every distance was just computed (pass 0 of their bounds)."""
+def fresh_state(centers, labels, upper, lower) -> ModelState:
+    """The state of rows whose every distance was just computed (pass 0 of their bounds; sums not yet known)."""
     lower = float32_down(lower)
     nearest = row_min(lower).astype(np.float64)
     stamp = np.zeros(labels.size, dtype=np.int32)
-    return ModelState(centers, labels, upper, nearest, lower, stamp, np.zeros((1, lower.shape[1])), sums)
+    return ModelState(centers, labels, upper, nearest, lower, stamp, np.zeros((1, lower.shape[1])), None)
 
 
 def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: ModelState, tile_rows: int):
