@@ -27,6 +27,8 @@ FLOAT32_SAFE = 1e15
 BOUND_SLACK = 1e-9
 # Models with fewer centres recompute a doubtful row outright rather than first tightening its upper bound.
 TIGHTEN_MIN_K = 128
+# Passes of group shifts a chunk's state remembers before its bounds are brought up to date (_rebased).
+DRIFT_HISTORY = 64
 # Lower bounds kept per row: one per centre for small k, else one per group of neighbouring indices.
 GROUPS = 32
 
@@ -351,6 +353,8 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
     upper = (state.upper + moved[labels]) * (1 + BOUND_SLACK)
     nearest = (state.nearest - moved.max()) * (1 - BOUND_SLACK)
     moved_state = ModelState(model.c64, labels, upper, nearest, state.lower, state.stamp, drift, state.sums)
+    if drift.shape[0] > DRIFT_HISTORY:
+        moved_state = _rebased(moved_state)
     loose = np.flatnonzero(~(upper < nearest))
     if loose.size:
         nearest[loose] = row_min(moved_state.group_bounds(loose))
@@ -368,6 +372,20 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
         d2 = rows.sq[idx] - 2 * dots + model.sq64[own] + _error(rows, idx, model, model.slack)
         upper[idx] = np.sqrt(np.maximum(d2, 0))
     return moved_state, loose[~(upper[loose] < nearest[loose])]
+
+
+def _rebased(state: ModelState) -> ModelState:
+    """The same bounds, every row's brought up to date: the drift history starts again from one row.
+
+    The history is the same for every chunk of a model, and each chunk keeps
+    its own: without a limit, a long fit over many chunks would fill the
+    workers' state budget with it. One O(n x groups) pass every DRIFT_HISTORY
+    passes keeps it small.
+    """
+    lower = float32_down(state.group_bounds())
+    stamp = np.zeros_like(state.stamp)
+    drift = np.zeros((1, state.drift.shape[1]))
+    return ModelState(state.centers, state.labels, state.upper, state.nearest, lower, stamp, drift, state.sums)
 
 
 def settle(state: ModelState, which: np.ndarray, labels, upper, lower) -> ModelState:

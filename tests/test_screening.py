@@ -170,3 +170,19 @@ def test_small_integer_norms_are_exact(dtype):
     ref = (x.astype(np.float64) ** 2).sum(axis=1)
     np.testing.assert_array_equal(norms.sq, ref)
     assert norms.total == float(ref.sum()) and norms.integral and norms.screen == np.float32
+
+
+def test_bounds_brought_up_to_date_when_the_drift_history_is_full(rows, monkeypatch):
+    """With a history of 2 passes, the state is rebased every other pass: still Lloyd's labels, still bounds."""
+    monkeypatch.setattr(screening, "DRIFT_HISTORY", 2)
+    k = 64
+    centers = rows[np.random.default_rng(5).choice(len(rows), k, replace=False)].astype(np.float64)
+    norms = kernels.chunk_norms(rows)
+    state = None
+    for _ in range(8):
+        states, stats = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
+        state = states[0]
+        np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
+        check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+        assert state.drift.shape[0] <= 2 and state.stamp.max() < state.drift.shape[0]
+        centers = kernels.update_centers(stats[0], centers)
