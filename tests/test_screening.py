@@ -140,18 +140,27 @@ def test_float_rows_with_fractions_are_summed_in_float64(rows):
     np.testing.assert_allclose(stats[0].sums, [x[labels == j].sum(axis=0) for j in range(3)], rtol=1e-12)
 
 
-def test_stacked_products_give_each_model_its_own_labels_and_bounds(rows, mnist_numpy):
+def test_stacked_products_give_each_model_its_own_labels_and_bounds(rows, mnist_numpy, monkeypatch):
     """Several models over overlapping row sets (a sweep's pass): stacked or alone, each gets the float64 argmin."""
     X, _ = mnist_numpy
+    products = []  # the number of models in each product
+    real = screening._assign_together
+
+    def counting(chunk, rows_, models, *args):
+        products.append(len(models))
+        return real(chunk, rows_, models, *args)
+
+    monkeypatch.setattr(screening, "_assign_together", counting)
     x = rows[:1500]
     norms = kernels.chunk_norms(x)
     ks = [1, 3, 7, 40, 64]
     models = [screening.prepare(centres_of(X, k, seed=k), norms.screen) for k in ks]
     rng = np.random.default_rng(3)
-    # all rows, most rows (stacked with the first), a few rows (alone), none, and a strided half
+    # all rows, most rows, a few rows, none, and a strided half
     most, few = np.sort(rng.choice(1500, 1200, replace=False)), np.array([5, 900, 1499])
     whiches = [None, most, few, np.array([], int), np.arange(0, 1500, 2)]
     results = screening.assign_rows_many(x, norms, models, whiches, lambda width: 97)
+    assert sorted(products) == [1, 1, 3]  # all, most and the half stacked; the few and the empty alone
     for model, which, (labels, upper, lower) in zip(models, whiches, results):
         sub = x if which is None else x[which]
         np.testing.assert_array_equal(labels, ref_sq_distances(sub, model.c64).argmin(axis=1))
