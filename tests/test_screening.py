@@ -6,6 +6,8 @@ float64, and their argmin.
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dkmeans import kernels, screening
 
@@ -195,3 +197,54 @@ def test_bounds_brought_up_to_date_when_the_drift_history_is_full(rows, monkeypa
         check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
         assert state.drift.shape[0] <= 2 and state.stamp.max() < state.drift.shape[0]
         centers = kernels.update_centers(stats[0], centers)
+
+
+def check_bounds_squared(x, centers, labels, upper, lower, nearest):
+    """check_bounds up to float64's rounding of squared norms, where offsets dwarf the distances."""
+    d2 = ref_sq_distances(x, centers)
+    slack = 1e-12 * (np.einsum("ij,ij->i", x, x)[:, None] + np.einsum("ij,ij->i", centers, centers)[None, :])
+    at = np.arange(len(x))
+    assert (upper**2 >= d2[at, labels] - slack[at, labels]).all()
+    low = d2 + slack
+    low[at, labels] = np.inf
+    group_min = np.minimum.reduceat(low, screening.group_starts(centers.shape[0]), axis=1)
+    assert (np.maximum(lower, 0) ** 2 <= group_min).all() and (np.maximum(nearest, 0) ** 2 <= group_min.min(axis=1)).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    d=st.integers(1, 6),
+    k=st.integers(1, 40),
+    scale=st.sampled_from([1e-3, 1.0, 255.0, 1e6, 1e12]),
+    offset=st.sampled_from([0.0, 1.0, 1e4]),
+    duplicates=st.booleans(),
+    history=st.integers(2, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset, duplicates, history, seed):
+    """Any data (tiny or huge values, offsets, repeated rows), any k: bounded passes are brute force's, bounds hold.
+
+    (Against distances by direct differences the labels may differ here: with an offset 1e7 times the
+    spread, float64's |x|^2 - 2 x.c + |c|^2 cannot tell the nearest centre, in dkmeans as in scikit-learn.)
+    """
+    k = min(k, n)  # as the estimator requires
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * scale + offset
+    if duplicates:
+        x = x[rng.integers(0, n, n)]
+    centers = x[rng.integers(0, n, k)] + rng.normal(size=(k, d)) * scale * 0.1
+    norms = kernels.chunk_norms(x)
+    state = None
+    old, screening.DRIFT_HISTORY = screening.DRIFT_HISTORY, history
+    try:
+        for _ in range(6):
+            states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms, states=[state], bounds=True)
+            brute, _ = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms)
+            state = states[0]
+            np.testing.assert_array_equal(state.labels, brute[0].labels)
+            check_bounds_squared(x, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+            far = x[stats[0].far_index[: int((stats[0].counts == 0).sum())]]
+            centers = kernels.update_centers(stats[0], centers, far)
+    finally:
+        screening.DRIFT_HISTORY = old
