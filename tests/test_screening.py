@@ -208,7 +208,8 @@ def check_bounds_squared(x, centers, labels, upper, lower, nearest):
     low = d2 + slack
     low[at, labels] = np.inf
     group_min = np.minimum.reduceat(low, screening.group_starts(centers.shape[0]), axis=1)
-    assert (np.maximum(lower, 0) ** 2 <= group_min).all() and (np.maximum(nearest, 0) ** 2 <= group_min.min(axis=1)).all()
+    assert (np.maximum(lower, 0) ** 2 <= group_min).all()
+    assert (np.maximum(nearest, 0) ** 2 <= group_min.min(axis=1)).all()
 
 
 @settings(max_examples=60, deadline=None)
