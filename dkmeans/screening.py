@@ -315,8 +315,7 @@ def _assign_together(chunk, rows, models, wanted, over, tile_rows):
 
 
 def float32_down(x: np.ndarray) -> np.ndarray:
-    if x.dtype == np.float32:  # already a float32 bound
-        return x
+    """float64 lower bounds in float32 (half the worker memory), rounded down: still lower bounds."""
     return np.nextafter(np.asarray(x, dtype=np.float32), np.float32(-np.inf))
 
 
@@ -328,7 +327,6 @@ def shifts(new: Centres, old_centers: np.ndarray) -> np.ndarray:
 
 def fresh_state(centers, labels, upper, lower) -> ModelState:
     """The state of rows whose every distance was just computed (pass 0 of their bounds; sums not yet known)."""
-    lower = float32_down(lower)
     nearest = row_min(lower).astype(np.float64)
     stamp = np.zeros(labels.size, dtype=np.int32)
     return ModelState(centers, labels, upper, nearest, lower, stamp, np.zeros((1, lower.shape[1])), None)
@@ -399,7 +397,6 @@ def settle(state: ModelState, which: np.ndarray, labels, upper, lower) -> ModelS
     new_labels, new_upper, new_lower = state.labels.copy(), state.upper, state.lower.copy()
     new_stamp, nearest = state.stamp.copy(), state.nearest
     new_labels[which], new_upper[which] = labels, upper
-    fresh = float32_down(lower)
-    new_lower[which], new_stamp[which] = fresh, now
-    nearest[which] = row_min(fresh)
+    new_lower[which], new_stamp[which] = lower, now
+    nearest[which] = row_min(lower)
     return ModelState(state.centers, new_labels, new_upper, nearest, new_lower, new_stamp, state.drift, state.sums)
