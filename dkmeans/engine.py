@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask import delayed
+from dask._task_spec import Alias, DataNode, Task
 from dask.core import flatten
 from dask.sizeof import sizeof
 from distributed import Client, Future, futures_of
@@ -52,6 +53,10 @@ class ChunkedData:
     dtype: np.dtype
     persisted: bool
     _keepalive: object = field(default=None, repr=False)
+    # Streamed data only, when every chunk is read by one task from literal inputs (from_array over a store):
+    # each chunk's task, and those inputs (as futures), so that a pass can read its chunk inside its own task.
+    loaders: list | None = field(default=None, repr=False)
+    loader_inputs: dict | None = field(default=None, repr=False)
 
     @property
     def n_chunks(self) -> int:
@@ -77,15 +82,55 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
             keep = X
             blocks = list(keep.to_delayed().ravel())
         sizes = X.chunks[0]
+        loaders, inputs = (None, None) if persisted else _chunk_loaders(X)
+        if loaders is not None:
+            inputs = {key: broadcast(client, value) for key, value in inputs.items()}
     else:
         X = np.asarray(X)
         rows = chunk_rows or _default_chunk_rows(client, X.shape, X.itemsize)
         sizes = tuple(min(rows, X.shape[0] - s) for s in range(0, X.shape[0], rows))
         # hash=False: content-hashed keys would be shared with (and released by) an earlier fit of the same array.
         blocks = client.scatter([X[s : s + r] for s, r in zip(np.cumsum((0,) + sizes[:-1]), sizes)], hash=False)
-        keep, persisted = blocks, True
+        keep, persisted, loaders, inputs = blocks, True, None, None
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-    return ChunkedData(blocks, offsets, int(X.shape[0]), int(X.shape[1]), X.dtype, persisted, keep)
+    shape = (int(X.shape[0]), int(X.shape[1]))
+    return ChunkedData(blocks, offsets, *shape, X.dtype, persisted, keep, loaders, inputs)
+
+
+def _chunk_loaders(X: da.Array):
+    """Each chunk's own task and the literal inputs they share; (None, None) when a chunk needs other tasks.
+
+    A store read through ``da.from_array`` is one small task per chunk (a
+    getter of its file) over one literal input (the store's file list); such
+    a task can run inside a pass's task, so that streaming costs one task per
+    chunk, not a load task and a step task. A chunk that needs other tasks
+    (a rechunk that merges chunks) keeps its own graph.
+    """
+    keys = list(flatten(X.__dask_keys__()))
+    graph = dict(X.__dask_optimize__(X.__dask_graph__(), keys))
+    loaders, inputs = [], {}
+    for key in keys:
+        task = graph[key]
+        while isinstance(task, Alias):
+            task = graph[task.target]
+        if not isinstance(task, Task):
+            return None, None
+        for dep in task.dependencies:
+            if not isinstance(graph[dep], DataNode):
+                return None, None
+            inputs[dep] = graph[dep].value
+        loaders.append(_Loader(task))
+    return loaders, inputs
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """A chunk's task, wrapped: a bare Task in a task's arguments would be taken as part of its graph."""
+
+    task: Task
+
+    def __call__(self, inputs: dict):
+        return self.task(inputs)
 
 
 def _default_chunk_rows(client: Client, shape, itemsize: int) -> int:
@@ -480,12 +525,21 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str)
     """One task per chunk, submitted now: func(block, *args, offset=..., index=...).
 
     Persisted chunks are futures and take a plain submit (the cheapest way to
-    the scheduler); streamed chunks are graphs that load them, sent along.
+    the scheduler); streamed chunks are read inside their task when their
+    loaders allow it (see _chunk_loaders), else they are graphs that load
+    them, sent along.
     (Pinning streamed chunks to workers, to find their state again, was
     tried: the restricted tasks bypass the scheduler's queuing, reads ran
     ahead of the kernels, and 400 MB workers paused at their memory limit.)
     """
     tag = _tag(name)
+    if data.loaders is not None:
+        return [
+            client.submit(
+                _loaded, func, loader, data.loader_inputs, *args, offset=offset, index=i, key=(tag, i), pure=False
+            )
+            for i, (loader, offset) in enumerate(zip(data.loaders, data.offsets))
+        ]
     if all(isinstance(b, Future) for b in data.blocks):
         return [
             client.submit(func, block, *args, offset=offset, index=i, key=(tag, i), pure=False)
@@ -496,6 +550,11 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str)
         for i, (block, offset) in enumerate(zip(data.blocks, data.offsets))
     ]
     return client.compute(tasks)
+
+
+def _loaded(func, loader, inputs, *args, **kwargs):
+    """Read a streamed chunk (its own task, run here) and pass it on: one task per chunk, not two."""
+    return func(loader(inputs), *args, **kwargs)
 
 
 def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str):
