@@ -9,7 +9,6 @@ reduce tasks first, when there are many chunks) and turns into new centres.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -27,12 +26,14 @@ from dask.core import flatten
 from dask.sizeof import sizeof
 from distributed import Client, Future, futures_of
 
-from . import allocator, kernels, worker_state
+from . import allocator, disk_state, kernels, screening, worker_state
 
 # Partials combined per reduction task: a tree of depth log_8(chunks).
 SPLIT_EVERY = 8
 # Centres larger than this (times the chunks) go to the workers once, as a task, not inside every task.
 BROADCAST_BYTES = 1 << 20
+# Stored bytes of streamed chunks one task reads and processes (see map_chunk_futures).
+STREAM_GROUP_BYTES = 32 << 20
 # Persist the data on the workers when it takes at most this share of their memory.
 PERSIST_MEMORY_FRACTION = 0.5
 # k-means|| settings (Bahmani et al. 2012): 5 rounds of oversampling ~2k rows each.
@@ -61,6 +62,10 @@ class ChunkedData:
     @property
     def n_chunks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_samples * self.n_features * self.dtype.itemsize
 
 
 def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
@@ -384,6 +389,7 @@ def _forget(client: Client, fit: str) -> None:
     """Free the workers' memory of a fit; a cluster that is gone has nothing left to free."""
     try:
         client.run(worker_state.forget, fit)
+        client.run(disk_state.forget, fit)
     except Exception as exc:  # the fit's own error (a lost cluster) is the one worth reporting
         log.debug("could not clear worker state of %s: %s", fit, exc)
 
@@ -427,30 +433,37 @@ def lloyd_pass(
     stacked = np.concatenate(centers)
     if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
         stacked = broadcast(client, stacked)
-    # Streamed data is too large for its bounds to stay on the workers: keep only its labels (4 bytes a
-    # row), so that the final labels need no extra read of the data.
-    keep = "all" if data.persisted else "labels"
-    parts = map_chunk_futures(client, data, _lloyd_task, stacked, sizes, n_far, ids, fit, bounds, keep, name="assign")
+    # Streamed data is too large for its bounds to stay in the workers' memory: they go to local disk.
+    keep = "memory" if data.persisted else "disk"
+    combine = partial(kernels.combine_stats_many, n_far=n_far)
+    args = (stacked, sizes, n_far, ids, fit, bounds, keep)
+    parts = map_chunk_futures(client, data, _lloyd_task, *args, name="assign", combine=combine)
     return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce")
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset, index):
     allocator.keep_tile_memory()
-    norms = worker_state.get((fit, index, "norms")) if keep == "all" else None
-    if norms is None or norms.sq.shape[0] != block.shape[0]:
+    if keep == "memory":
+        norms = worker_state.get((fit, index, "norms"))
+        states = [worker_state.get((fit, index, m)) for m in ids]
+    else:
+        norms, states = disk_state.get(fit, index, ids)
+    fresh_norms = norms is None or norms.sq.shape[0] != block.shape[0]
+    if fresh_norms:
         norms = kernels.chunk_norms(block, offset)
-        if keep == "all":
-            worker_state.put((fit, index, "norms"), norms)
-    states = [worker_state.get((fit, index, m)) for m in ids] if keep == "all" else None
     new_states, stats = kernels.lloyd_chunk_many(
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )
-    for m, state in zip(ids, new_states):
-        if keep == "all":
+    if keep == "memory":
+        if fresh_norms:
+            worker_state.put((fit, index, "norms"), norms)
+        for m, state in zip(ids, new_states):
             worker_state.put((fit, index, m), state)
-        else:
-            labels = _Labels(_digest(state.centers), state.labels)
-            worker_state.put((fit, index, m), labels, stale=partial(_stale, m, labels.digest))
+        return stats
+    disk_state.put(fit, index, norms, ids, new_states)
+    for m, state in zip(ids, new_states):  # the labels also stay in memory (4 bytes a row), for the final ones
+        labels = _Labels(screening.centres_digest(state.centers), state.labels)
+        worker_state.put((fit, index, m), labels, stale=partial(_stale, m, labels.digest))
     return stats
 
 
@@ -480,7 +493,7 @@ def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: i
     (evicted, or a worker lost since) are labelled again from the data.
     """
     tag = _tag("labels")
-    digest = _digest(centers)
+    digest = screening.centres_digest(centers)
     found = {}
     workers = list(client.scheduler_info()["workers"])
     held = [
@@ -504,7 +517,7 @@ def _held_labels(fit, model, digest) -> dict:
         if isinstance(state, _Labels):
             if state.digest == digest:
                 out[index] = state.labels
-        elif _digest(state.centers) == digest:
+        elif screening.centres_digest(state.centers) == digest:
             out[index] = state.labels
     return out
 
@@ -517,28 +530,38 @@ class _Labels:
     labels: np.ndarray
 
 
-def _digest(centers: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(centers, dtype=np.float64).tobytes(), digest_size=16).digest()
-
-
-def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str) -> list[Future]:
+def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str, combine=None) -> list[Future]:
     """One task per chunk, submitted now: func(block, *args, offset=..., index=...).
 
     Persisted chunks are futures and take a plain submit (the cheapest way to
     the scheduler); streamed chunks are read inside their task when their
     loaders allow it (see _chunk_loaders), else they are graphs that load
-    them, sent along.
+    them, sent along. Chunks read inside their task go STREAM_GROUP_BYTES at
+    a time into one task, which reads and processes them one after another
+    and returns ``combine(partials)``: Dask costs a few milliseconds of
+    scheduler time per task, as much as computing a chunk of MNIST.
     (Pinning streamed chunks to workers, to find their state again, was
     tried: the restricted tasks bypass the scheduler's queuing, reads ran
     ahead of the kernels, and 400 MB workers paused at their memory limit.)
     """
     tag = _tag(name)
     if data.loaders is not None:
+        per_task = 1 if combine is None else max(1, STREAM_GROUP_BYTES // max(1, data.nbytes // data.n_chunks))
+        groups = [range(i, min(i + per_task, data.n_chunks)) for i in range(0, data.n_chunks, per_task)]
         return [
             client.submit(
-                _loaded, func, loader, data.loader_inputs, *args, offset=offset, index=i, key=(tag, i), pure=False
+                _loaded,
+                func,
+                [data.loaders[i] for i in group],
+                data.loader_inputs,
+                *args,
+                offsets=[data.offsets[i] for i in group],
+                indices=list(group),
+                combine=combine,
+                key=(tag, group[0]),
+                pure=False,
             )
-            for i, (loader, offset) in enumerate(zip(data.loaders, data.offsets))
+            for group in groups
         ]
     if all(isinstance(b, Future) for b in data.blocks):
         return [
@@ -552,9 +575,13 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str)
     return client.compute(tasks)
 
 
-def _loaded(func, loader, inputs, *args, **kwargs):
-    """Read a streamed chunk (its own task, run here) and pass it on: one task per chunk, not two."""
-    return func(loader(inputs), *args, **kwargs)
+def _loaded(func, loaders, inputs, *args, offsets, indices, combine):
+    """Read streamed chunks here, one at a time, and process each: one task for them all, not a load and a step."""
+    parts = [
+        func(loader(inputs), *args, offset=offset, index=index)
+        for loader, offset, index in zip(loaders, offsets, indices)
+    ]
+    return parts[0] if combine is None else combine(parts)
 
 
 def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str):

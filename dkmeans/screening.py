@@ -16,6 +16,7 @@ computing any distance. Pure numpy: nothing here knows about Dask.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,11 @@ class ModelState:
         bounds = self.lower[which].astype(np.float64) - moved
         bounds *= 1 - BOUND_SLACK  # the subtraction's rounding (a negative bound settles nothing either way)
         return bounds
+
+
+def centres_digest(centers: np.ndarray) -> bytes:
+    """16 bytes that tell centre sets apart (which centres a state or labels refer to), in place of the centres."""
+    return hashlib.blake2b(np.ascontiguousarray(centers, dtype=np.float64).tobytes(), digest_size=16).digest()
 
 
 def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import prefetch
 from .idx import read_idx
 
 __all__ = [
@@ -107,6 +108,7 @@ class ChunkedRows:
         return self.shape[0]
 
     def chunk(self, i: int) -> np.ndarray:
+        prefetch.ahead(self.folder / f for f in self.files[i + 1 : i + 1 + prefetch.DEPTH])
         return read_chunk(self.folder / self.files[i], self.sizes[i], self.shape[1], self.dtype, self.crcs[i])
 
     def __getitem__(self, key: Any) -> np.ndarray:
