@@ -3,7 +3,8 @@
 Builds nothing itself: first expand MNIST into a store, then fit on it with memory-limited workers.
 Everything is measured in one run on the same 2-worker cluster:
 
-  raw read     the time to read, checksum and decode every chunk of the store once, with one task per
+  raw read     the time to read, checksum and decode every chunk of the store once, through the fit's own
+               tasks with nothing computed (engine._loaded: a second thread reads ahead), with one task per
                chunk and with as many chunks a task as a pass reads (STREAM_GROUP_BYTES), each measured
                three times (before the fits, between them, after them): the faster median is the baseline
   in memory    seconds per pass of the same fit on the store's first 60,000 rows, persisted, scaled
@@ -35,7 +36,7 @@ from distributed import Client, LocalCluster
 
 from dkmeans import KMeans
 from dkmeans.data.expand import open_expanded
-from dkmeans.engine import STREAM_GROUP_BYTES
+from dkmeans.engine import STREAM_GROUP_BYTES, _loaded, chunk_data
 
 
 def _peak_rss() -> int:
@@ -48,8 +49,8 @@ def _spilled(dask_worker) -> int:
     return int(total.disk) if total is not None else 0
 
 
-def _read_chunks_bytes(rows, indices) -> int:
-    return sum(int(rows.chunk(i).nbytes) for i in indices)
+def _nbytes(block, *, offset, index) -> int:
+    return int(block.nbytes)
 
 
 def evict(folder) -> None:
@@ -62,20 +63,28 @@ def evict(folder) -> None:
             os.close(fd)
 
 
-def raw_read(client, store, cold: bool, per_task: int) -> float:
-    rows = store.rows()
+def raw_read(client, data, cold: bool, per_task: int, path) -> float:
+    """Every chunk read, checked and decoded by the fit's own task machinery, with nothing computed."""
     if cold:
-        evict(store.path)
+        evict(path)
     start = time.perf_counter()
-    # The store's description goes to the workers once, and each task names its chunks, as in a pass; the
-    # reads go through the same reader, read-ahead of the next files included.
-    shared = client.submit(lambda r: r, rows, pure=False)
-    n = len(rows.sizes)
-    groups = [range(i, min(i + per_task, n)) for i in range(0, n, per_task)]
-    futures = [client.submit(_read_chunks_bytes, shared, group, pure=False) for group in groups]
+    groups = [range(i, min(i + per_task, data.n_chunks)) for i in range(0, data.n_chunks, per_task)]
+    futures = [
+        client.submit(
+            _loaded,
+            _nbytes,
+            [data.loaders[i] for i in group],
+            data.loader_inputs,
+            offsets=[data.offsets[i] for i in group],
+            indices=list(group),
+            combine=sum,
+            pure=False,
+        )
+        for group in groups
+    ]
     read_bytes = sum(client.gather(futures))
     seconds = time.perf_counter() - start
-    assert read_bytes == store.nbytes
+    assert read_bytes == data.nbytes
     print(
         f"raw read + checksum + decode of every chunk once, {per_task} chunk(s) a task: {seconds:.2f} s "
         f"({read_bytes / seconds / 1e9:.2f} GB/s)"
@@ -83,11 +92,11 @@ def raw_read(client, store, cold: bool, per_task: int) -> float:
     return seconds
 
 
-def raw_reads(client, store, cold: bool, reads: dict) -> None:
+def raw_reads(client, data, cold: bool, reads: dict, path) -> None:
     """Both ways of reading the store: a task per chunk, and the fit's tasks of STREAM_GROUP_BYTES each."""
-    grouped = max(1, STREAM_GROUP_BYTES // (store.nbytes // len(store.rows().sizes)))
+    grouped = max(1, STREAM_GROUP_BYTES // (data.nbytes // data.n_chunks))
     for per_task in sorted({1, grouped}):
-        reads.setdefault(per_task, []).append(raw_read(client, store, cold, per_task))
+        reads.setdefault(per_task, []).append(raw_read(client, data, cold, per_task, path))
 
 
 def main() -> None:
@@ -117,8 +126,10 @@ def main() -> None:
     ):
         pids = client.run(os.getpid)
 
+        data = chunk_data(client, store.images())
+        assert data.loaders is not None, "the store's chunks should be read inside the tasks"
         reads: dict[int, list[float]] = {}
-        raw_reads(client, store, args.cold, reads)
+        raw_reads(client, data, args.cold, reads, store.path)
 
         X = store.images()
         init = rows.chunk(0)[np.random.default_rng(0).choice(rows.sizes[0], args.k, replace=False)].astype(float)
@@ -132,7 +143,7 @@ def main() -> None:
         print(f"in memory (first 60,000 rows persisted, scaled to the store): {in_memory:.2f} s per pass")
 
         pass_s.clear()
-        raw_reads(client, store, args.cold, reads)
+        raw_reads(client, data, args.cold, reads, store.path)
         if args.cold:
             evict(store.path)
 
@@ -155,7 +166,7 @@ def main() -> None:
             msg for lines in logs.values() for _, msg in lines if "spill" in msg.lower() and "out-of-band" not in msg
         ]
         restarted = client.run(os.getpid) != pids
-        raw_reads(client, store, args.cold, reads)
+        raw_reads(client, data, args.cold, reads, store.path)
         raw = min(float(np.median(r)) for r in reads.values())
 
     print(f"chosen placement: {'persisted' if model.data_persisted_ else 'streamed from disk every iteration'}")

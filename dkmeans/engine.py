@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -576,11 +577,20 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str,
 
 
 def _loaded(func, loaders, inputs, *args, offsets, indices, combine):
-    """Read streamed chunks here, one at a time, and process each: one task for them all, not a load and a step."""
-    parts = [
-        func(loader(inputs), *args, offset=offset, index=index)
-        for loader, offset, index in zip(loaders, offsets, indices)
-    ]
+    """Read streamed chunks here and process each: one task for them all, not a load and a step per chunk.
+
+    A second thread reads the next chunk while this one is processed, so the
+    disk and the CPU work at the same time; at most two chunks are in memory.
+    """
+    parts = []
+    with ThreadPoolExecutor(1, thread_name_prefix="dkmeans-read") as reader:
+        pending = reader.submit(loaders[0], inputs)
+        for j, (offset, index) in enumerate(zip(offsets, indices)):
+            block = pending.result()
+            if j + 1 < len(loaders):
+                pending = reader.submit(loaders[j + 1], inputs)
+            parts.append(func(block, *args, offset=offset, index=index))
+            del block
     return parts[0] if combine is None else combine(parts)
 
 

@@ -14,6 +14,8 @@ import logging
 import os
 import secrets
 import shutil
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -23,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from . import prefetch
 from .idx import read_idx
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "CorruptChunkError",
     "NpyRows",
     "Store",
+    "BufferPool",
     "StoreError",
     "build_store",
     "ensure_store",
@@ -58,21 +60,28 @@ class CorruptChunkError(StoreError):
     """A chunk file of a store is missing, truncated, or does not match its recorded checksum."""
 
 
-def read_chunk(path: str | os.PathLike[str], rows: int, cols: int, dtype: Any, crc32: int) -> np.ndarray:
-    """Read one `.npy` chunk file in a single read, check its CRC-32 and shape, return its rows.
+def read_chunk(
+    path: str | os.PathLike[str], rows: int, cols: int, dtype: Any, crc32: int, buffers: BufferPool | None = None
+) -> np.ndarray:
+    """Read one `.npy` chunk file in a single read, check its CRC-32 and shape, return its rows (read-only).
 
-    The checksum costs ~4 ms per 4.7 MB chunk (a few % of a Lloyd pass over it)
+    The checksum costs ~1 ms per 4.7 MB chunk (a few % of a Lloyd pass over it)
     and turns silent disk corruption into an error that names the file.
+    ``buffers`` gives the memory to read into (see BufferPool).
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = bytearray(size) if buffers is None else buffers.take(size)
+            got = f.readinto(raw)
     except OSError as exc:
         raise CorruptChunkError(f"chunk {path} cannot be read: {exc.strerror or exc}") from exc
-    found = zlib.crc32(raw)
+    found = zlib.crc32(raw) if got == size else None
     if found != crc32:
+        found = "unreadable" if found is None else f"{found:08x}"
         raise CorruptChunkError(
-            f"chunk {path} is corrupted: CRC-32 {found:08x}, the manifest says {crc32:08x} "
+            f"chunk {path} is corrupted: CRC-32 {found}, the manifest says {crc32:08x} "
             "(rebuild the store with `dkmeans data expand`)"
         )
     f = io.BytesIO(raw)
@@ -84,7 +93,32 @@ def read_chunk(path: str | os.PathLike[str], rows: int, cols: int, dtype: Any, c
         raise CorruptChunkError(f"chunk {path} is not a valid .npy file: {exc}") from exc
     if tuple(shape) != (rows, cols) or file_dtype != np.dtype(dtype) or fortran:
         raise CorruptChunkError(f"chunk {path} holds {file_dtype} {shape}, expected {np.dtype(dtype)} {(rows, cols)}")
-    return np.frombuffer(raw, dtype=file_dtype, count=rows * cols, offset=f.tell()).reshape(rows, cols)
+    out = np.frombuffer(raw, dtype=file_dtype, count=rows * cols, offset=f.tell()).reshape(rows, cols)
+    out.flags.writeable = False
+    return out
+
+
+class BufferPool:
+    """Read buffers, each used again once no array refers to it any more.
+
+    Reading a 4.7 MB chunk into fresh memory costs about 2 ms of page faults,
+    three times the copy itself, and a streamed pass reads every chunk.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._buffers: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bytearray:
+        with self._lock:
+            for buffer in self._buffers:
+                # Referenced by the list, this loop and getrefcount's argument only: no array uses it.
+                if len(buffer) == nbytes and sys.getrefcount(buffer) == 3:
+                    return buffer
+            buffer = bytearray(nbytes)
+            self._buffers = self._buffers[-(self.keep - 1) :] + [buffer] if self.keep > 1 else [buffer]
+            return buffer
 
 
 class ChunkedRows:
@@ -108,8 +142,13 @@ class ChunkedRows:
         return self.shape[0]
 
     def chunk(self, i: int) -> np.ndarray:
-        prefetch.ahead(self.folder / f for f in self.files[i + 1 : i + 1 + prefetch.DEPTH])
-        return read_chunk(self.folder / self.files[i], self.sizes[i], self.shape[1], self.dtype, self.crcs[i])
+        if self.__dict__.get("_buffers") is None:  # made on first use: it does not travel with the object
+            self._buffers = BufferPool()
+        path = self.folder / self.files[i]
+        return read_chunk(path, self.sizes[i], self.shape[1], self.dtype, self.crcs[i], self._buffers)
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_buffers"}
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
