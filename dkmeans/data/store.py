@@ -47,7 +47,8 @@ FORMAT_VERSION = 1
 IMAGE_SHAPE = (28, 28)
 _PAIRS = (("train-images", "train-labels"), ("test-images", "test-labels"))
 _TMP_PREFIX = f".{STORE_NAME}.tmp-"
-_STALE_TMP_S = 24 * 3600  # older temporary builds are assumed to be crashed ones
+_STALE_TMP_S = 24 * 3600
+_HEADER_MAX = 1 << 16  # bytes of a chunk file that hold its .npy header (a 2-d array's is ~128)  # older temporary builds are assumed to be crashed ones
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def read_chunk(
             f"chunk {path} is corrupted: CRC-32 {found}, the manifest says {crc32:08x} "
             "(rebuild the store with `dkmeans data expand`)"
         )
-    f = io.BytesIO(raw)
+    f = io.BytesIO(memoryview(raw)[:_HEADER_MAX])  # the header only: BytesIO copies what it is given
     try:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
