@@ -19,6 +19,7 @@ from distributed import Client, LocalCluster
 from dkmeans import KMeans
 from dkmeans.data.expand import _bilinear, _to_uint8, deform, expand_mnist, open_expanded
 from dkmeans.data.store import CorruptChunkError, StoreError
+from dkmeans.engine import _chunk_loaders
 
 BIN = Path(sys.executable).parent
 # Tiny memory limits are only numbers for the placement decision: the worker's own guards are off.
@@ -93,24 +94,64 @@ def test_elastic_expansion_is_deterministic(tmp_path, mnist_dir, cache_dir):
     assert (one != images).any()
 
 
-def test_streaming_fit_matches_scikit_learn(store2):
-    """Two workers with 80 MB each: 94 MB of data is over half their memory, so it is streamed."""
+def test_streaming_fit_matches_scikit_learn(store2, tmp_path):
+    """Two workers with 80 MB each: 94 MB of data is over half their memory, so it is streamed.
+
+    Its chunks are read inside the pass's tasks, several to a task, and their
+    bounds go to files between passes (disk_state): seen during the fit, gone after it.
+    """
     from sklearn.cluster import KMeans as SKKMeans
 
     X = store2.images()
     X_mem = X.compute()
     init = X_mem[np.random.default_rng(4).choice(len(X_mem), 10, replace=False)].astype(np.float64)
+    saved = []
+
+    def look(*progress):
+        saved.append(sorted(p.name for p in (tmp_path / "dkmeans-state").glob("*/chunk-*.bin")))
+
     with (
-        dask.config.set(NO_MEMORY_GUARDS),
+        dask.config.set({**NO_MEMORY_GUARDS, "temporary-directory": str(tmp_path)}),
         LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="80MB", dashboard_address=":0") as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
-        km = KMeans(10, init=init, max_iter=4, tol=0, client=client).fit(X)
+        km = KMeans(10, init=init, max_iter=8, tol=0, client=client, callback=look).fit(X)
     assert not km.data_persisted_
-    sk = SKKMeans(10, init=init, n_init=1, max_iter=4, tol=0, algorithm="lloyd").fit(X_mem)
+    assert saved and all(names == sorted(f"chunk-{i}.bin" for i in range(20)) for names in saved)
+    assert not list((tmp_path / "dkmeans-state").iterdir())
+    sk = SKKMeans(10, init=init, n_init=1, max_iter=8, tol=0, algorithm="lloyd").fit(X_mem)
     np.testing.assert_array_equal(km.labels_, sk.labels_)
     np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(km.inertia_, sk.inertia_, rtol=1e-9)
+    assert km.n_iter_ == sk.n_iter_
+
+
+def test_streamed_chunks_are_read_inside_the_pass_unless_they_need_other_tasks(store1):
+    loaders, inputs = _chunk_loaders(store1.images())
+    rows = store1.rows()
+    assert len(loaders) == 3 and len(inputs) == 1
+    for i, loader in enumerate(loaders):
+        np.testing.assert_array_equal(loader(inputs), rows.chunk(i))
+    # A chunk that merges two files needs their tasks: it keeps its own graph.
+    assert _chunk_loaders(store1.images().rechunk({0: 30000})) == (None, None)
+
+
+def test_read_buffers_are_reused_only_once_no_array_uses_them(store1):
+    rows = store1.rows()
+    first = rows.chunk(0)
+    expected = first.copy()
+    second = rows.chunk(1)  # first is alive: a new buffer
+    assert not np.shares_memory(first, second)
+    view = first[5:10]
+    del first
+    third = rows.chunk(0)  # a view keeps the buffer in use
+    assert not np.shares_memory(view, third)
+    np.testing.assert_array_equal(view, expected[5:10])
+    address = second.__array_interface__["data"][0]
+    del second
+    again = rows.chunk(1)  # nothing refers to the second buffer any more
+    assert again.__array_interface__["data"][0] == address
+    assert not again.flags.writeable
 
 
 def test_cli_fit_on_a_store_says_it_streams(store2, tmp_path, mnist_dir, cache_dir):

@@ -1,0 +1,103 @@
+"""Tests for dkmeans.disk_state: streamed chunks' norms and Yinyang bounds kept in files between passes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dask
+import numpy as np
+import pytest
+
+from dkmeans import disk_state, kernels
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        yield tmp_path / "dkmeans-state"
+
+
+@pytest.fixture
+def chunk_and_states(mnist_numpy):
+    """A real MNIST chunk after two passes of two models (k = 10 and 20), as a pass leaves them."""
+    chunk = mnist_numpy[0][:3000]
+    rng = np.random.default_rng(0)
+    centers = [chunk[rng.choice(3000, k, replace=False)].astype(np.float64) for k in (10, 20)]
+    norms = kernels.chunk_norms(chunk)
+    states, stats = kernels.lloyd_chunk_many(chunk, np.concatenate(centers), (10, 20), (0, 0), norms=norms)
+    moved = [kernels.update_centers(st, c) for st, c in zip(stats, centers)]
+    again = np.concatenate(moved)
+    states, _ = kernels.lloyd_chunk_many(chunk, again, (10, 20), (0, 0), norms=norms, states=states, bounds=True)
+    return chunk, norms, states
+
+
+def test_saved_state_reads_back_equal(state_dir, chunk_and_states):
+    _, norms, states = chunk_and_states
+    assert states[0].sums is not None and states[0].drift.shape[0] == 2
+    disk_state.put("fit-a", 3, norms, (0, 1), states)
+    disk_state._centres.clear()  # as on another worker of the host: the centres come from their file
+    got_norms, got = disk_state.get("fit-a", 3, (0, 1))
+    np.testing.assert_array_equal(got_norms.sq, norms.sq)
+    np.testing.assert_array_equal(got_norms.norm, norms.norm)
+    assert (got_norms.total, got_norms.screen, got_norms.integral) == (norms.total, norms.screen, norms.integral)
+    for state, back in zip(states, got):
+        for name in ("centers", "labels", "upper", "nearest", "lower", "stamp", "drift", "sums"):
+            expected, found = getattr(state, name), getattr(back, name)
+            assert found.dtype == expected.dtype, name
+            np.testing.assert_array_equal(found, expected, err_msg=name)
+    # Another chunk, a model never saved, an unknown fit: nothing.
+    assert disk_state.get("fit-a", 4, (0,)) == (None, [None])
+    assert disk_state.get("fit-a", 3, (0, 7))[1][1] is None
+    assert disk_state.get("fit-b", 3, (0,)) == (None, [None])
+
+
+def test_a_pass_from_saved_state_equals_one_from_memory(state_dir, chunk_and_states):
+    chunk, norms, states = chunk_and_states
+    disk_state.put("fit-a", 0, norms, (0, 1), states)
+    _, saved = disk_state.get("fit-a", 0, (0, 1))
+    centers = np.concatenate([s.centers + 0.5 for s in states])
+    from_memory = kernels.lloyd_chunk_many(chunk, centers, (10, 20), (0, 0), norms=norms, states=states, bounds=True)
+    from_disk = kernels.lloyd_chunk_many(chunk, centers, (10, 20), (0, 0), norms=norms, states=saved, bounds=True)
+    for a, b in zip(from_memory[1], from_disk[1]):
+        np.testing.assert_array_equal(a.sums, b.sums)
+        np.testing.assert_array_equal(a.counts, b.counts)
+    for a, b in zip(from_memory[0], from_disk[0]):
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_damaged_file_is_not_used(state_dir, chunk_and_states, damage):
+    _, norms, states = chunk_and_states
+    disk_state.put("fit-a", 0, norms, (0,), states[:1])
+    path = state_dir / "fit-a" / "chunk-0.bin"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":  # an interrupted write
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip":
+        raw[len(raw) // 2] ^= 0x10
+    else:
+        raw = bytearray(b"not a state file")
+    path.write_bytes(bytes(raw))
+    assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
+
+
+def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_states, monkeypatch):
+    _, norms, states = chunk_and_states
+    monkeypatch.setattr(disk_state, "RESERVE_FRACTION", 1.0)  # the whole disk is reserved
+    disk_state.put("fit-a", 0, norms, (0,), states[:1])
+    assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
+    assert not list((state_dir / "fit-a").glob("chunk-*"))
+
+
+def test_forget_removes_the_fit_and_old_fits_are_cleaned_up(state_dir, chunk_and_states):
+    _, norms, states = chunk_and_states
+    disk_state.put("fit-old", 0, norms, (0,), states[:1])
+    day_ago = time.time() - disk_state.STALE_SECONDS - 60
+    os.utime(state_dir / "fit-old", (day_ago, day_ago))  # a fit whose client never came back
+    disk_state.put("fit-a", 0, norms, (0,), states[:1])
+    assert not (state_dir / "fit-old").exists()
+    assert (state_dir / "fit-a" / "chunk-0.bin").exists()
+    disk_state.forget("fit-a")
+    assert not (state_dir / "fit-a").exists()
+    assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
