@@ -350,11 +350,12 @@ def lloyd_many(
         for c, m, t, (n, losses) in zip(centers, max_iter, tol, start, strict=True)
     ]
     fit = _tag("fit")
+    held: list = []  # the last pass's gathered futures, released after the next pass is submitted
     try:
         while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
             began = time.perf_counter()
             ids = tuple(i for i, _ in active)
-            stats = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds)
+            stats = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds, held=held)
             far_rows = _relocation_rows(client, data, stats, [r.centers for _, r in active], ids, fit)
             seconds = time.perf_counter() - began
             finished = []
@@ -382,6 +383,7 @@ def lloyd_many(
             for index, run in finished:
                 run.result.labels = _final_labels(client, data, run.centers, fit, index)
     finally:
+        held.clear()
         _forget(client, fit)
     return [r.result for r in runs]
 
@@ -420,14 +422,27 @@ def _relocation_rows(client: Client, data: ChunkedData, stats: list, centers: li
 
 
 def lloyd_pass(
-    client: Client, data: ChunkedData, centers: list[np.ndarray], ids: tuple, fit: str, *, far=False, bounds=True
+    client: Client,
+    data: ChunkedData,
+    centers: list[np.ndarray],
+    ids: tuple,
+    fit: str,
+    *,
+    far=False,
+    bounds=True,
+    held: list | None = None,
 ) -> list[kernels.ChunkStats]:
     """Map the Lloyd chunk step over the chunks and reduce the partials: the stats of each model.
 
     ``ids`` name the models in the workers' memory of ``fit`` (worker_state):
     each chunk task starts from its last assignment there when it has one.
     With ``far``, each model also gets its k farthest rows (for relocation).
-    The chunk tasks' partials are released as soon as they are added up.
+    The chunk tasks' partials are released as soon as they are added up,
+    except the few the client gathers (and the broadcast centres): with
+    ``held``, those go into it and the futures it held from the previous
+    pass are released once this pass is submitted. Releasing is a message on
+    the client's batched stream, which then holds the next message for its
+    interval (10 ms): released between passes, they delayed every next pass.
     """
     sizes = tuple(c.shape[0] for c in centers)
     n_far = sizes if far else (0,) * len(sizes)
@@ -439,7 +454,10 @@ def lloyd_pass(
     combine = partial(kernels.combine_stats_many, n_far=n_far)
     args = (stacked, sizes, n_far, ids, fit, bounds, keep)
     parts = map_chunk_futures(client, data, _lloyd_task, *args, name="assign", combine=combine)
-    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce")
+    if held is not None:
+        held.clear()
+        held.append(stacked)
+    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce", held=held)
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset, index):
@@ -594,8 +612,8 @@ def _loaded(func, loaders, inputs, *args, offsets, indices, combine):
     return parts[0] if combine is None else combine(parts)
 
 
-def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str):
-    """Combine partials on the cluster in groups of SPLIT_EVERY, the last group on the client."""
+def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str, held: list | None = None):
+    """Combine partials on the cluster in groups of SPLIT_EVERY, the last group on the client (kept in held)."""
     tag = _tag(name)
     level = 0
     while len(parts) > SPLIT_EVERY:
@@ -604,4 +622,6 @@ def reduce_futures(client: Client, parts: list[Future], combine, *args, name: st
             for i in range(0, len(parts), SPLIT_EVERY)
         ]
         level += 1
+    if held is not None:
+        held.extend(parts)
     return combine(client.gather(parts), *args)

@@ -47,8 +47,8 @@ FORMAT_VERSION = 1
 IMAGE_SHAPE = (28, 28)
 _PAIRS = (("train-images", "train-labels"), ("test-images", "test-labels"))
 _TMP_PREFIX = f".{STORE_NAME}.tmp-"
-_STALE_TMP_S = 24 * 3600
-_HEADER_MAX = 1 << 16  # bytes of a chunk file that hold its .npy header (a 2-d array's is ~128)  # older temporary builds are assumed to be crashed ones
+_STALE_TMP_S = 24 * 3600  # older temporary builds are assumed to be crashed ones
+_HEADER_MAX = 1 << 16  # bytes of a chunk file that hold its .npy header (a 2-d array's is ~128)
 
 log = logging.getLogger(__name__)
 
