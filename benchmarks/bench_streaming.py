@@ -5,7 +5,7 @@ Everything is measured in one run on the same 2-worker cluster:
 
   raw read     the time to read, checksum and decode every chunk of the store once, through the fit's own
                tasks with nothing computed (engine._loaded: a second thread reads ahead), with one task per
-               chunk and with as many chunks a task as a pass reads (STREAM_GROUP_BYTES), each measured
+               chunk and with as many chunks a task as a pass reads (chunks_per_task), each measured
                three times (before the fits, between them, after them): the faster median is the baseline
   in memory    seconds per pass of the same fit on the store's first 60,000 rows, persisted, scaled
                to the whole store (what the kernels cost with no I/O at all)
@@ -36,7 +36,7 @@ from distributed import Client, LocalCluster
 
 from dkmeans import KMeans
 from dkmeans.data.expand import open_expanded
-from dkmeans.engine import STREAM_GROUP_BYTES, _loaded, chunk_data
+from dkmeans.engine import _loaded, chunk_data
 
 
 def _peak_rss() -> int:
@@ -93,9 +93,8 @@ def raw_read(client, data, cold: bool, per_task: int, path) -> float:
 
 
 def raw_reads(client, data, cold: bool, reads: dict, path) -> None:
-    """Both ways of reading the store: a task per chunk, and the fit's tasks of STREAM_GROUP_BYTES each."""
-    grouped = max(1, STREAM_GROUP_BYTES // (data.nbytes // data.n_chunks))
-    for per_task in sorted({1, grouped}):
+    """Both ways of reading the store: a task per chunk, and as many chunks a task as a pass reads."""
+    for per_task in sorted({1, data.chunks_per_task}):
         reads.setdefault(per_task, []).append(raw_read(client, data, cold, per_task, path))
 
 

@@ -59,6 +59,7 @@ class ChunkedData:
     # each chunk's task, and those inputs (as futures), so that a pass can read its chunk inside its own task.
     loaders: list | None = field(default=None, repr=False)
     loader_inputs: dict | None = field(default=None, repr=False)
+    chunks_per_task: int = 1  # of those chunks, read and processed by one task of a pass
 
     @property
     def n_chunks(self) -> int:
@@ -71,6 +72,7 @@ class ChunkedData:
 
 def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
     """Make row chunks of X on the cluster; persist them when they fit in worker memory."""
+    per_task = 1
     if isinstance(X, da.Array):
         if chunk_rows is not None:
             X = X.rechunk({0: chunk_rows, 1: -1})
@@ -91,6 +93,10 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         loaders, inputs = (None, None) if persisted else _chunk_loaders(X)
         if loaders is not None:
             inputs = {key: broadcast(client, value) for key, value in inputs.items()}
+            # STREAM_GROUP_BYTES a task, but at least 4 tasks per worker thread, so that the threads finish together.
+            threads = max(1, sum(client.nthreads().values()))
+            by_bytes = STREAM_GROUP_BYTES // max(1, X.nbytes // max(1, len(loaders)))
+            per_task = max(1, min(by_bytes, math.ceil(len(loaders) / (4 * threads))))
     else:
         X = np.asarray(X)
         rows = chunk_rows or _default_chunk_rows(client, X.shape, X.itemsize)
@@ -100,7 +106,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         keep, persisted, loaders, inputs = blocks, True, None, None
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
     shape = (int(X.shape[0]), int(X.shape[1]))
-    return ChunkedData(blocks, offsets, *shape, X.dtype, persisted, keep, loaders, inputs)
+    return ChunkedData(blocks, offsets, *shape, X.dtype, persisted, keep, loaders, inputs, per_task)
 
 
 def _chunk_loaders(X: da.Array):
@@ -555,17 +561,18 @@ def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str,
     Persisted chunks are futures and take a plain submit (the cheapest way to
     the scheduler); streamed chunks are read inside their task when their
     loaders allow it (see _chunk_loaders), else they are graphs that load
-    them, sent along. Chunks read inside their task go STREAM_GROUP_BYTES at
-    a time into one task, which reads and processes them one after another
-    and returns ``combine(partials)``: Dask costs a few milliseconds of
-    scheduler time per task, as much as computing a chunk of MNIST.
+    them, sent along. Chunks read inside their task go ``data.chunks_per_task``
+    (up to STREAM_GROUP_BYTES) at a time into one task, which reads and
+    processes them one after another and returns ``combine(partials)``: Dask
+    costs a few milliseconds of scheduler time per task, as much as
+    computing a chunk of MNIST.
     (Pinning streamed chunks to workers, to find their state again, was
     tried: the restricted tasks bypass the scheduler's queuing, reads ran
     ahead of the kernels, and 400 MB workers paused at their memory limit.)
     """
     tag = _tag(name)
     if data.loaders is not None:
-        per_task = 1 if combine is None else max(1, STREAM_GROUP_BYTES // max(1, data.nbytes // data.n_chunks))
+        per_task = 1 if combine is None else data.chunks_per_task
         groups = [range(i, min(i + per_task, data.n_chunks)) for i in range(0, data.n_chunks, per_task)]
         return [
             client.submit(

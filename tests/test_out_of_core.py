@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster
 from dkmeans import KMeans
 from dkmeans.data.expand import _bilinear, _to_uint8, deform, expand_mnist, open_expanded
 from dkmeans.data.store import CorruptChunkError, StoreError
-from dkmeans.engine import _chunk_loaders
+from dkmeans.engine import _chunk_loaders, chunk_data
 
 BIN = Path(sys.executable).parent
 # Tiny memory limits are only numbers for the placement decision: the worker's own guards are off.
@@ -116,6 +116,8 @@ def test_streaming_fit_matches_scikit_learn(store2, tmp_path):
         Client(cluster, set_as_default=False) as client,
     ):
         km = KMeans(10, init=init, max_iter=8, tol=0, client=client, callback=look).fit(X)
+        # 7 chunks would make 32 MB, but 20 chunks for 2 threads go 3 to a task: at least 4 tasks per thread.
+        assert chunk_data(client, X).chunks_per_task == 3
     assert not km.data_persisted_
     assert saved and all(names == sorted(f"chunk-{i}.bin" for i in range(20)) for names in saved)
     assert not list((tmp_path / "dkmeans-state").iterdir())
