@@ -31,6 +31,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+import dask
 import numpy as np
 
 from .screening import ModelState, RowNorms, centres_digest
@@ -46,11 +47,10 @@ _STATE_FIELDS = ("labels", "upper", "nearest", "lower", "stamp", "drift", "sums"
 
 log = logging.getLogger(__name__)
 _centres: OrderedDict = OrderedDict()
+_warned: set = set()
 
 
 def root() -> Path:
-    import dask
-
     return Path(dask.config.get("temporary-directory", None) or tempfile.gettempdir()) / "dkmeans-state"
 
 
@@ -93,7 +93,9 @@ def put(fit: str, index: int, norms: RowNorms, models, states) -> None:
                     arrays[f"{m}.{name}"] = getattr(state, name)
         _write(folder / f"chunk-{index}.bin", arrays)
     except OSError as exc:
-        log.debug("state of chunk %d not saved: %s", index, exc)
+        if fit not in _warned:  # once per fit and process: the fit goes on, every pass computing every row
+            _warned.add(fit)
+            log.warning("streamed chunks' bounds cannot be kept in %s (%s): every pass computes every row", folder, exc)
 
 
 def _write(path: Path, arrays: dict) -> None:

@@ -82,12 +82,15 @@ def test_a_damaged_file_is_not_used(state_dir, chunk_and_states, damage):
     assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
 
 
-def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_states, monkeypatch):
+def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_states, monkeypatch, caplog):
     _, norms, states = chunk_and_states
     monkeypatch.setattr(disk_state, "RESERVE_FRACTION", 1.0)  # the whole disk is reserved
-    disk_state.put("fit-a", 0, norms, (0,), states[:1])
-    assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
-    assert not list((state_dir / "fit-a").glob("chunk-*"))
+    for chunk in range(3):
+        disk_state.put("fit-reserve", chunk, norms, (0,), states[:1])
+    assert disk_state.get("fit-reserve", 0, (0,)) == (None, [None])
+    assert not list((state_dir / "fit-reserve").glob("chunk-*"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "below its reserve" in warned[0] and "every pass computes every row" in warned[0]
 
 
 def test_forget_removes_the_fit_and_old_fits_are_cleaned_up(state_dir, chunk_and_states):
