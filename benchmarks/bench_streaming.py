@@ -4,9 +4,10 @@ Builds nothing itself: first expand MNIST into a store, then fit on it with memo
 Everything is measured in one run on the same 2-worker cluster:
 
   raw read     the time to read, checksum and decode every chunk of the store once, through the fit's own
-               tasks with nothing computed (engine._loaded: a second thread reads ahead), with one task per
-               chunk and with as many chunks a task as a pass reads (chunks_per_task), each measured
-               three times (before the fits, between them, after them): the faster median is the baseline
+               tasks with nothing computed (engine.map_chunk_futures: a second thread reads ahead), with
+               one task per chunk and with as many chunks a task as a pass reads (chunks_per_task), each
+               measured three times (before the fits, between them, after them): the faster median is
+               the baseline
   in memory    seconds per pass of the same fit on the store's first 60,000 rows, persisted, scaled
                to the whole store (what the kernels cost with no I/O at all)
   streaming    seconds per Lloyd pass over the whole store, streamed from disk
@@ -15,7 +16,7 @@ and checks the workers: peak RSS (the kernel's high-water mark for each worker p
 missed between samples), spilled bytes, pauses and restarts. Usage:
 
     DKMEANS_DATA_DIR=../shared/data/mnist dkmeans data expand --factor 100 --out /big/disk/mnist-x100
-    python benchmarks/bench_streaming.py --expanded /big/disk/mnist-x100 --memory-limit 400MB --iters 3
+    python benchmarks/bench_streaming.py --expanded /big/disk/mnist-x100 --memory-limit 400MB --iters 12
 
 Note: a store smaller than the machine's free RAM sits in the page cache after its first read, so reads
 are then warm-cache reads, raw and streamed alike. --cold evicts the store's files from the page cache
@@ -26,6 +27,7 @@ The ratio streaming / raw read is what the issue's 1.5x target refers to.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -36,7 +38,7 @@ from distributed import Client, LocalCluster
 
 from dkmeans import KMeans
 from dkmeans.data.expand import open_expanded
-from dkmeans.engine import _loaded, chunk_data
+from dkmeans.engine import chunk_data, map_chunk_futures
 
 
 def _peak_rss() -> int:
@@ -68,20 +70,8 @@ def raw_read(client, data, cold: bool, per_task: int, path) -> float:
     if cold:
         evict(path)
     start = time.perf_counter()
-    groups = [range(i, min(i + per_task, data.n_chunks)) for i in range(0, data.n_chunks, per_task)]
-    futures = [
-        client.submit(
-            _loaded,
-            _nbytes,
-            [data.loaders[i] for i in group],
-            data.loader_inputs,
-            offsets=[data.offsets[i] for i in group],
-            indices=list(group),
-            combine=sum,
-            pure=False,
-        )
-        for group in groups
-    ]
+    grouped = dataclasses.replace(data, chunks_per_task=per_task)
+    futures = map_chunk_futures(client, grouped, _nbytes, name="raw-read", combine=sum)
     read_bytes = sum(client.gather(futures))
     seconds = time.perf_counter() - start
     assert read_bytes == data.nbytes
