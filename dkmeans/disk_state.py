@@ -40,7 +40,8 @@ from .screening import ModelState, RowNorms, centres_digest
 RESERVE_BYTES = 1 << 30
 RESERVE_FRACTION = 0.1
 STALE_SECONDS = 24 * 3600
-_CENTRES_CACHE = 8  # centre sets kept in memory (per process), by digest
+_CENTRES_CACHE_BYTES = 32 << 20  # centre sets kept in memory (per process), by digest
+_CENTRES_FILES = 64  # centre sets kept on disk per fit, the newest: 4 passes of a 16-model sweep
 _MAGIC = b"DKSTATE1"
 _HEAD = struct.Struct("<8sII")  # magic, length of the JSON index, CRC-32 of index and arrays
 _STATE_FIELDS = ("labels", "upper", "nearest", "lower", "stamp", "drift", "sums")
@@ -168,6 +169,18 @@ def _save_centres(folder: Path, digest: bytes, centers: np.ndarray) -> None:
         return
     _write(path, {"centres": np.ascontiguousarray(centers, dtype=np.float64)})
     _remember(folder.name, digest, centers)
+    # States refer to the centres of their chunk's last pass: older sets only fill the disk (a state that
+    # still refers to one, left by a chunk that ran elsewhere since, is not used and its chunk is recomputed).
+    files = sorted(folder.glob("centres-*.bin"), key=_modified)
+    for old in files[:-_CENTRES_FILES]:
+        old.unlink(missing_ok=True)
+
+
+def _modified(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # removed by another worker of the host meanwhile
+        return 0
 
 
 def _load_centres(fit: str, digest: bytes):
@@ -183,5 +196,5 @@ def _load_centres(fit: str, digest: bytes):
 def _remember(fit: str, digest: bytes, centers: np.ndarray) -> None:
     _centres[(fit, digest)] = centers
     _centres.move_to_end((fit, digest))
-    while len(_centres) > _CENTRES_CACHE:
+    while sum(c.nbytes for c in _centres.values()) > _CENTRES_CACHE_BYTES and len(_centres) > 1:
         _centres.popitem(last=False)

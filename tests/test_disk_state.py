@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -104,3 +105,17 @@ def test_forget_removes_the_fit_and_old_fits_are_cleaned_up(state_dir, chunk_and
     disk_state.forget("fit-a")
     assert not (state_dir / "fit-a").exists()
     assert disk_state.get("fit-a", 0, (0,)) == (None, [None])
+
+
+def test_only_the_newest_centre_sets_stay_on_disk(state_dir, chunk_and_states, monkeypatch):
+    _, norms, states = chunk_and_states
+    monkeypatch.setattr(disk_state, "_CENTRES_FILES", 2)
+    for chunk, shift in enumerate((1.0, 2.0, 3.0)):  # three passes' centres
+        moved = dataclasses.replace(states[0], centers=states[0].centers + shift)
+        disk_state.put("fit-c", chunk, norms, (0,), [moved])
+        time.sleep(0.01)
+    assert len(list((state_dir / "fit-c").glob("centres-*.bin"))) == 2
+    disk_state._centres.clear()
+    assert disk_state.get("fit-c", 0, (0,))[1] == [None]  # its centres are gone: the chunk is computed in full
+    for chunk, shift in ((1, 2.0), (2, 3.0)):
+        np.testing.assert_array_equal(disk_state.get("fit-c", chunk, (0,))[1][0].centers, states[0].centers + shift)
