@@ -34,7 +34,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from .screening import ModelState, RowNorms, centres_digest
+from .screening import ModelState, RowNorms
 
 # Free disk space that remembered state never takes: the larger of these.
 RESERVE_BYTES = 1 << 30
@@ -79,14 +79,16 @@ def get(fit: str, index: int, models) -> tuple:
     return norms, states
 
 
-def put(fit: str, index: int, norms: RowNorms, models, states) -> None:
-    """Save a chunk's norms and its models' states (one file), unless the disk is short of space."""
+def put(fit: str, index: int, norms: RowNorms, models, states, digests) -> None:
+    """Save a chunk's norms and its models' states (one file), unless the disk is short of space.
+
+    ``digests`` are centres_digest of each state's centres (the same for every chunk of a pass).
+    """
     folder = _folder(fit)
     arrays = {"sq": norms.sq, "norms": np.array([norms.total, norms.screen == np.float32, norms.integral])}
     try:
         _prepare(folder)
-        for m, state in zip(models, states):
-            digest = centres_digest(state.centers)
+        for m, state, digest in zip(models, states, digests):
             _save_centres(folder, digest, state.centers)
             arrays[f"{m}.centres"] = np.frombuffer(digest, dtype=np.uint8)
             for name in _STATE_FIELDS:

@@ -456,10 +456,11 @@ def lloyd_pass(
     stacked = np.concatenate(centers)
     if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
         stacked = broadcast(client, stacked)
-    # Streamed data is too large for its bounds to stay in the workers' memory: they go to local disk.
-    keep = "memory" if data.persisted else "disk"
+    # Streamed data is too large for its bounds to stay in the workers' memory: they go to local disk, filed
+    # under a digest of their centres (computed here once, not for every chunk).
+    digests = None if data.persisted else tuple(screening.centres_digest(c) for c in centers)
     combine = partial(kernels.combine_stats_many, n_far=n_far)
-    args = (stacked, sizes, n_far, ids, fit, bounds, keep)
+    args = (stacked, sizes, n_far, ids, fit, bounds, digests)
     parts = map_chunk_futures(client, data, _lloyd_task, *args, name="assign", combine=combine)
     if held is not None:
         held.clear()
@@ -467,9 +468,10 @@ def lloyd_pass(
     return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce", held=held)
 
 
-def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset, index):
+def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offset, index):
+    """One chunk's step; its state stays in worker memory, or (streamed data, with ``digests``) on local disk."""
     allocator.keep_tile_memory()
-    if keep == "memory":
+    if digests is None:
         norms = worker_state.get((fit, index, "norms"))
         states = [worker_state.get((fit, index, m)) for m in ids]
     else:
@@ -480,16 +482,16 @@ def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, keep, *, offset,
     new_states, stats = kernels.lloyd_chunk_many(
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )
-    if keep == "memory":
+    if digests is None:
         if fresh_norms:
             worker_state.put((fit, index, "norms"), norms)
         for m, state in zip(ids, new_states):
             worker_state.put((fit, index, m), state)
         return stats
-    disk_state.put(fit, index, norms, ids, new_states)
-    for m, state in zip(ids, new_states):  # the labels also stay in memory (4 bytes a row), for the final ones
-        labels = _Labels(screening.centres_digest(state.centers), state.labels)
-        worker_state.put((fit, index, m), labels, stale=partial(_stale, m, labels.digest))
+    disk_state.put(fit, index, norms, ids, new_states, digests)
+    for m, state, digest in zip(ids, new_states, digests):  # the labels also stay in memory (4 bytes a row)
+        labels = _Labels(digest, state.labels)
+        worker_state.put((fit, index, m), labels, stale=partial(_stale, m, digest))
     return stats
 
 

@@ -10,7 +10,12 @@ import dask
 import numpy as np
 import pytest
 
-from dkmeans import disk_state, kernels
+from dkmeans import disk_state, kernels, screening
+
+
+def put(fit, chunk, norms, models, states):
+    """disk_state.put with the digests the engine computes once per pass."""
+    disk_state.put(fit, chunk, norms, models, states, [screening.centres_digest(s.centers) for s in states])
 
 
 @pytest.fixture
@@ -36,7 +41,7 @@ def chunk_and_states(mnist_numpy):
 def test_saved_state_reads_back_equal(state_dir, chunk_and_states):
     _, norms, states = chunk_and_states
     assert states[0].sums is not None and states[0].drift.shape[0] == 2
-    disk_state.put("fit-a", 3, norms, (0, 1), states)
+    put("fit-a", 3, norms, (0, 1), states)
     disk_state._centres.clear()  # as on another worker of the host: the centres come from their file
     got_norms, got = disk_state.get("fit-a", 3, (0, 1))
     np.testing.assert_array_equal(got_norms.sq, norms.sq)
@@ -55,7 +60,7 @@ def test_saved_state_reads_back_equal(state_dir, chunk_and_states):
 
 def test_a_pass_from_saved_state_equals_one_from_memory(state_dir, chunk_and_states):
     chunk, norms, states = chunk_and_states
-    disk_state.put("fit-a", 0, norms, (0, 1), states)
+    put("fit-a", 0, norms, (0, 1), states)
     _, saved = disk_state.get("fit-a", 0, (0, 1))
     centers = np.concatenate([s.centers + 0.5 for s in states])
     from_memory = kernels.lloyd_chunk_many(chunk, centers, (10, 20), (0, 0), norms=norms, states=states, bounds=True)
@@ -70,7 +75,7 @@ def test_a_pass_from_saved_state_equals_one_from_memory(state_dir, chunk_and_sta
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
 def test_a_damaged_file_is_not_used(state_dir, chunk_and_states, damage):
     _, norms, states = chunk_and_states
-    disk_state.put("fit-a", 0, norms, (0,), states[:1])
+    put("fit-a", 0, norms, (0,), states[:1])
     path = state_dir / "fit-a" / "chunk-0.bin"
     raw = bytearray(path.read_bytes())
     if damage == "truncate":  # an interrupted write
@@ -87,7 +92,7 @@ def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_st
     _, norms, states = chunk_and_states
     monkeypatch.setattr(disk_state, "RESERVE_FRACTION", 1.0)  # the whole disk is reserved
     for chunk in range(3):
-        disk_state.put("fit-reserve", chunk, norms, (0,), states[:1])
+        put("fit-reserve", chunk, norms, (0,), states[:1])
     assert disk_state.get("fit-reserve", 0, (0,)) == (None, [None])
     assert not list((state_dir / "fit-reserve").glob("chunk-*"))
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -96,10 +101,10 @@ def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_st
 
 def test_forget_removes_the_fit_and_old_fits_are_cleaned_up(state_dir, chunk_and_states):
     _, norms, states = chunk_and_states
-    disk_state.put("fit-old", 0, norms, (0,), states[:1])
+    put("fit-old", 0, norms, (0,), states[:1])
     day_ago = time.time() - disk_state.STALE_SECONDS - 60
     os.utime(state_dir / "fit-old", (day_ago, day_ago))  # a fit whose client never came back
-    disk_state.put("fit-a", 0, norms, (0,), states[:1])
+    put("fit-a", 0, norms, (0,), states[:1])
     assert not (state_dir / "fit-old").exists()
     assert (state_dir / "fit-a" / "chunk-0.bin").exists()
     disk_state.forget("fit-a")
@@ -112,7 +117,7 @@ def test_only_the_newest_centre_sets_stay_on_disk(state_dir, chunk_and_states, m
     monkeypatch.setattr(disk_state, "_CENTRES_FILES", 2)
     for chunk, shift in enumerate((1.0, 2.0, 3.0)):  # three passes' centres
         moved = dataclasses.replace(states[0], centers=states[0].centers + shift)
-        disk_state.put("fit-c", chunk, norms, (0,), [moved])
+        put("fit-c", chunk, norms, (0,), [moved])
         time.sleep(0.01)
     assert len(list((state_dir / "fit-c").glob("centres-*.bin"))) == 2
     disk_state._centres.clear()
