@@ -398,10 +398,15 @@ def lloyd_many(
 def _forget(client: Client, fit: str) -> None:
     """Free the workers' memory of a fit; a cluster that is gone has nothing left to free."""
     try:
-        client.run(worker_state.forget, fit)
-        client.run(disk_state.forget, fit)
+        client.run(_forget_here, fit)
     except Exception as exc:  # the fit's own error (a lost cluster) is the one worth reporting
         log.debug("could not clear worker state of %s: %s", fit, exc)
+
+
+def _forget_here(fit: str) -> None:
+    """On a worker: drop a fit's entries in memory and its chunk files on disk (one round trip for both)."""
+    worker_state.forget(fit)
+    disk_state.forget(fit)
 
 
 def _relocation_rows(client: Client, data: ChunkedData, stats: list, centers: list, ids: tuple, fit: str) -> list:
