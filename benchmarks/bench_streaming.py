@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="400MB", help="per worker")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=3, help="Lloyd updates (iters + 1 passes)")
+    parser.add_argument("--iters", type=int, default=12, help="Lloyd updates (iters + 1 passes)")
     parser.add_argument("--cold", action="store_true", help="evict the store from the page cache before each read")
     args = parser.parse_args()
 

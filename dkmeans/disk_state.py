@@ -26,7 +26,6 @@ import os
 import shutil
 import struct
 import tempfile
-import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -34,12 +33,12 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from .data.store import _remove_stale_builds
 from .screening import ModelState, RowNorms
 
 # Free disk space that remembered state never takes: the larger of these.
 RESERVE_BYTES = 1 << 30
 RESERVE_FRACTION = 0.1
-STALE_SECONDS = 24 * 3600
 _CENTRES_CACHE_BYTES = 32 << 20  # centre sets kept in memory (per process), by digest
 _CENTRES_FILES = 64  # centre sets kept on disk per fit, the newest: 4 passes of a 16-model sweep
 _MAGIC = b"DKSTATE1"
@@ -151,18 +150,8 @@ def _prepare(folder: Path) -> None:
     if folder.is_dir():
         return
     folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _remove_stale(folder.parent)
+    _remove_stale_builds(folder.parent, prefix="")  # fits whose client never came back, after a day
     folder.mkdir(mode=0o700, exist_ok=True)
-
-
-def _remove_stale(parent: Path) -> None:
-    cutoff = time.time() - STALE_SECONDS
-    for path in parent.iterdir():
-        try:
-            if path.stat().st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _save_centres(folder: Path, digest: bytes, centers: np.ndarray) -> None:

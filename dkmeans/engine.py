@@ -470,7 +470,7 @@ def lloyd_pass(
     if held is not None:
         held.clear()
         held.append(stacked)
-    return reduce_futures(client, parts, kernels.combine_stats_many, n_far, name="reduce", held=held)
+    return reduce_futures(client, parts, combine, name="reduce", held=held)
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offset, index):
@@ -529,11 +529,11 @@ def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: i
     digest = screening.centres_digest(centers)
     found = {}
     workers = list(client.scheduler_info()["workers"])
-    held = [
+    tasks = [
         client.submit(_held_labels, fit, model, digest, key=(tag, "held", i), workers=[w], allow_other_workers=True)
         for i, w in enumerate(workers)
     ]
-    for labels_by_chunk in client.gather(held):
+    for labels_by_chunk in client.gather(tasks):
         found.update(labels_by_chunk)
     missing = [i for i in range(data.n_chunks) if i not in found]
     if missing:

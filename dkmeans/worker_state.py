@@ -63,13 +63,13 @@ def put(key, value, *, stale=None) -> None:
         old = _entries.pop(key, None)
         if old is not None:
             _used -= old[0]
-        victims = (
-            other
-            for other in list(_entries)
-            if other[0] != key[0] or (stale is not None and stale(other, _entries[other][1]))
-        )
-        while _used + size > budget and (victim := next(victims, None)) is not None:
-            if victim in _entries:
+        if _used + size > budget:
+            victims = (
+                other
+                for other in list(_entries)
+                if other[0] != key[0] or (stale is not None and stale(other, _entries[other][1]))
+            )
+            while _used + size > budget and (victim := next(victims, None)) is not None:
                 _used -= _entries.pop(victim)[0]
         if _used + size <= budget:
             _entries[key] = (size, value)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dkmeans import disk_state, kernels, screening
+from dkmeans.data.store import _STALE_TMP_S
 
 
 def put(fit, chunk, norms, models, states):
@@ -102,7 +103,7 @@ def test_nothing_is_written_below_the_free_space_reserve(state_dir, chunk_and_st
 def test_forget_removes_the_fit_and_old_fits_are_cleaned_up(state_dir, chunk_and_states):
     _, norms, states = chunk_and_states
     put("fit-old", 0, norms, (0,), states[:1])
-    day_ago = time.time() - disk_state.STALE_SECONDS - 60
+    day_ago = time.time() - _STALE_TMP_S - 60
     os.utime(state_dir / "fit-old", (day_ago, day_ago))  # a fit whose client never came back
     put("fit-a", 0, norms, (0,), states[:1])
     assert not (state_dir / "fit-old").exists()
