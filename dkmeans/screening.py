@@ -219,15 +219,22 @@ def bounds_from_products(scores: np.ndarray, chunk: np.ndarray, rows: RowNorms, 
     unsure = np.flatnonzero(row_min(others).astype(np.float64) + floor <= upper2)
     lower2 = others.astype(np.float64)
     lower2 += floor[:, None]
+    lower = float32_down(np.sqrt(np.maximum(lower2, 0, out=lower2), out=lower2))
+    labels, upper = labels.astype(np.int32), np.sqrt(np.maximum(upper2, 0))
     if unsure.size:
-        d2 = _exact_sq_distances(chunk[idx[unsure]], x_sq[unsure], model)
-        lab = np.argmin(d2, axis=1)
-        at = np.arange(lab.size)
-        error = _error(rows, idx[unsure], model, (2 * model.c64.shape[1] + 16) * 2.0**-53)
-        labels[unsure] = lab
-        upper2[unsure] = d2[at, lab] + error
-        d2[at, lab] = np.inf
-        lower2[unsure] = group_min(d2, model.k) - error[:, None]
+        labels[unsure], upper[unsure], lower[unsure] = exact_rows(chunk, rows, idx[unsure], model)
+    return labels, upper, lower
+
+
+def exact_rows(chunk: np.ndarray, rows: RowNorms, idx: np.ndarray, model: Centres):
+    """bounds_from_products' triple for rows ``idx`` from their float64 distances (the rows screening left open)."""
+    d2 = _exact_sq_distances(chunk[idx], rows.sq[idx], model)
+    labels = np.argmin(d2, axis=1)
+    at = np.arange(labels.size)
+    error = _error(rows, idx, model, (2 * model.c64.shape[1] + 16) * 2.0**-53)
+    upper2 = d2[at, labels] + error
+    d2[at, labels] = np.inf
+    lower2 = group_min(d2, model.k) - error[:, None]
     lower = float32_down(np.sqrt(np.maximum(lower2, 0, out=lower2), out=lower2))
     return labels.astype(np.int32), np.sqrt(np.maximum(upper2, 0)), lower
 
@@ -348,17 +355,15 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
     (tightening the upper bound, which grows by the own centre's shift). Returns the moved
     state, not yet updated for the returned rows, which need all k distances
     (one matrix product; Yinyang's per-group local filter would cost a gather
-    per group, more than the product saves in numpy).
+    per group, more than the product saves in numpy). This numpy path serves
+    data screened in float64; float32 screening takes dkmeans.yinyang, which
+    compiles the local filter.
     """
     labels = state.labels
-    moved = shifts(model, state.centers)
-    group_shift = np.maximum.reduceat(moved, group_starts(model.k)) * (1 + BOUND_SLACK)
-    drift = np.vstack([state.drift, state.drift[-1] + group_shift])
+    moved, drifted = drift_by(model, state)
     upper = (state.upper + moved[labels]) * (1 + BOUND_SLACK)
     nearest = (state.nearest - moved.max()) * (1 - BOUND_SLACK)
-    moved_state = ModelState(model.c64, labels, upper, nearest, state.lower, state.stamp, drift, state.sums)
-    if drift.shape[0] > DRIFT_HISTORY:
-        moved_state = _rebased(moved_state)
+    moved_state = ModelState(model.c64, labels, upper, nearest, drifted.lower, drifted.stamp, drifted.drift, state.sums)
     loose = np.flatnonzero(~(upper < nearest))
     if loose.size:
         nearest[loose] = row_min(moved_state.group_bounds(loose))
@@ -376,6 +381,18 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
         d2 = rows.sq[idx] - 2 * dots + model.sq64[own] + _error(rows, idx, model, model.slack)
         upper[idx] = np.sqrt(np.maximum(d2, 0))
     return moved_state, loose[~(upper[loose] < nearest[loose])]
+
+
+def drift_by(model: Centres, state: ModelState):
+    """How far each centre moved since ``state``, and the state with this pass's group shifts in its drift.
+
+    The upper bounds and ``nearest`` are left as they were; the drift history is rebased when full.
+    """
+    moved = shifts(model, state.centers)
+    group_shift = np.maximum.reduceat(moved, group_starts(model.k)) * (1 + BOUND_SLACK)
+    drift = np.vstack([state.drift, state.drift[-1] + group_shift])
+    drifted = ModelState(state.centers, state.labels, state.upper, state.nearest, state.lower, state.stamp, drift, None)
+    return moved, _rebased(drifted) if drift.shape[0] > DRIFT_HISTORY else drifted
 
 
 def _rebased(state: ModelState) -> ModelState:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkmeans import kernels, screening
+from dkmeans import kernels, screening, yinyang
 
 
 def ref_sq_distances(x, c):
@@ -89,26 +89,28 @@ def test_huge_values_are_screened_in_float64():
     np.testing.assert_array_equal(labels, ref_sq_distances(x, c).argmin(axis=1))
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def bounded_path(request, monkeypatch):
+    """Run a test with the compiled bounded pass (dkmeans.yinyang), then with screening's numpy one."""
+    if request.param == "numpy":
+        monkeypatch.setattr(yinyang, "available", lambda model: False)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [10, 64, 200])  # 200: doubtful rows first tighten their upper bound
-def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, k):
+def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, k, bounded_path):
     """Ten Lloyd iterations: with bounds, every pass has the brute-force labels and sums, with fewer distances."""
     centers = rows[np.random.default_rng(k).choice(len(rows), k, replace=False)].astype(np.float64)
     norms = kernels.chunk_norms(rows)
     state, recomputed = None, []
-    real = screening.bounds_filter
-
-    def counting(*args):
-        out = real(*args)
-        recomputed.append(out[1].size)
-        return out
-
     for _ in range(10):
         brute_states, brute = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms)
-        screening.bounds_filter = counting
-        try:
-            states, fast = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
-        finally:
-            screening.bounds_filter = real
+        states, fast = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
+        if state is not None and bounded_path == "numpy":  # rows with all their distances computed
+            recomputed.append(int((states[0].stamp == states[0].drift.shape[0] - 1).sum()))
+        elif state is not None:  # distances computed, as rows' worth (the local filter computes parts of rows)
+            model = screening.prepare(centers, norms.screen)
+            recomputed.append(yinyang.bounded_pass(rows, norms, model, state, 256)[1] // k)
         np.testing.assert_array_equal(states[0].labels, ref_sq_distances(rows, centers).argmin(axis=1))
         np.testing.assert_array_equal(states[0].labels, brute_states[0].labels)
         np.testing.assert_array_equal(fast[0].sums, brute[0].sums)  # incremental exact sums = full sums
@@ -183,7 +185,7 @@ def test_small_integer_norms_are_exact(dtype):
     assert norms.total == float(ref.sum()) and norms.integral and norms.screen == np.float32
 
 
-def test_bounds_brought_up_to_date_when_the_drift_history_is_full(rows, monkeypatch):
+def test_bounds_brought_up_to_date_when_the_drift_history_is_full(rows, monkeypatch, bounded_path):
     """With a history of 2 passes, the state is rebased every other pass: still Lloyd's labels, still bounds."""
     monkeypatch.setattr(screening, "DRIFT_HISTORY", 2)
     k = 64
@@ -222,8 +224,9 @@ def check_bounds_squared(x, centers, labels, upper, lower, nearest):
     duplicates=st.booleans(),
     history=st.integers(2, 5),
     seed=st.integers(0, 2**32 - 1),
+    path=st.sampled_from(["compiled", "numpy"]),
 )
-def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset, duplicates, history, seed):
+def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset, duplicates, history, seed, path):
     """Any data (tiny or huge values, offsets, repeated rows), any k: bounded passes are brute force's, bounds hold.
 
     (Against distances by direct differences the labels may differ here: with an offset 1e7 times the
@@ -238,6 +241,7 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
     norms = kernels.chunk_norms(x)
     state = None
     old, screening.DRIFT_HISTORY = screening.DRIFT_HISTORY, history
+    compiled, yinyang.available = yinyang.available, (yinyang.available if path == "compiled" else lambda m: False)
     try:
         for _ in range(6):
             states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms, states=[state], bounds=True)
@@ -249,3 +253,4 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
             centers = kernels.update_centers(stats[0], centers, far)
     finally:
         screening.DRIFT_HISTORY = old
+        yinyang.available = compiled

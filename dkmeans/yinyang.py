@@ -1,0 +1,234 @@
+"""A bounded pass compiled with numba: Yinyang's local filter, row by row, over screened float32 distances.
+
+screening.bounds_filter checks the bounds in numpy and recomputes every
+distance of each row it cannot settle, with one matrix product. Here each
+such row first gets its distance to its own centre (tightening the upper
+bound), then only the groups of centres whose lower bound it does not clear
+(Ding et al., 2015, the local filter). In numpy that would cost a gather per
+group; compiled, it is a loop. The screened distances, their error bounds,
+the state's layout and the rows left to float64 are exactly screening's, so
+both paths give the same labels and bounds (tests/test_yinyang.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import screening
+
+# Reassociation lets LLVM vectorise the float32 dot products; the screening error bound holds for any
+# summation order. Nothing else of fast-math: the kernel relies on infinities.
+_DOT_MATH = {"reassoc", "contract"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A row whose filters leave more than this share of the centres goes to one matrix product with the other such
+# rows (screening.assign_rows): measured on MNIST, BLAS is about 1.6x faster per distance than this loop.
+DENSE_SHARE = 0.6
+
+
+def available(model: screening.Centres) -> bool:
+    """Whether the compiled pass applies: the model screens in float32 (data beyond FLOAT32_SAFE does not)."""
+    return model.cs.dtype == np.float32
+
+
+def bounded_pass(
+    chunk, rows: screening.RowNorms, model: screening.Centres, state: screening.ModelState, tile_rows: int
+):
+    """screening.bounds_filter, assign_rows and settle in one: the state of the chunk under the new centres.
+
+    ``tile_rows`` sizes the tiles of the matrix product that takes the rows needing most of their distances.
+    Also returns how many distances the pass computed (brute force: rows x k), a measure of the filters.
+
+    The returned state's sums are the old ones (the caller updates them from the labels).
+    """
+    moved, drifted = screening.drift_by(model, state)
+    lower, stamp, drift = drifted.lower, drifted.stamp, drifted.drift
+    starts = screening.group_starts(model.k)
+    ends = np.append(starts[1:], model.k).astype(np.intp)
+    d = model.c64.shape[1]
+    labels = state.labels.copy()
+    upper, nearest = np.empty_like(state.upper), np.empty_like(state.nearest)
+    new_lower, new_stamp = lower.copy(), stamp.copy()
+    unsure, dense = np.empty(labels.size, dtype=np.intp), np.empty(labels.size, dtype=np.intp)
+    n_unsure, n_dense, n_scores = _kernel(
+        chunk, rows.sq, rows.norm, state.labels, state.upper, state.nearest, lower, stamp, drift, moved,
+        model.cs, model.sqs, starts.astype(np.intp), ends, model.slack * model.cmax, model.cmax,
+        (d + 4) * 2.0**-53, screening.BOUND_SLACK, DENSE_SHARE,
+        labels, upper, nearest, new_lower, new_stamp, unsure, dense,
+    )  # fmt: skip
+    new = screening.ModelState(model.c64, labels, upper, nearest, new_lower, new_stamp, drift, state.sums)
+    if n_unsure:
+        unsure = unsure[:n_unsure].copy()
+        _overwrite(new, unsure, *screening.exact_rows(chunk, rows, unsure, model))
+    if n_dense:
+        dense = dense[:n_dense].copy()
+        _overwrite(new, dense, *screening.assign_rows(chunk, rows, model, tile_rows, dense))
+    return new, n_scores + (n_unsure + n_dense) * model.k
+
+
+def _overwrite(state: screening.ModelState, which, labels, upper, lower) -> None:
+    """Rows ``which`` of the kernel's fresh state arrays, with all their distances computed in numpy."""
+    state.labels[which], state.upper[which], state.lower[which] = labels, upper, lower
+    state.nearest[which] = screening.row_min(lower)
+    state.stamp[which] = state.drift.shape[0] - 1
+
+
+@njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
+def _scores(row, cs, sqs, start, stop, scores):
+    """Screened scores |c|^2 - 2 x.c of centres start..stop-1, up to four centres per sweep of the row.
+
+    The row is converted to float32 as it is read (the screening's rounding of x), so stored integers
+    never take a float copy.
+    """
+    d = row.size
+    j = start
+    while j + 4 <= stop:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for t in range(d):
+            v = np.float32(row[t])
+            a0 += v * cs[j, t]
+            a1 += v * cs[j + 1, t]
+            a2 += v * cs[j + 2, t]
+            a3 += v * cs[j + 3, t]
+        scores[j] = np.float32(-2.0) * a0 + sqs[j]
+        scores[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
+        scores[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
+        scores[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
+        j += 4
+    if j + 2 <= stop:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        for t in range(d):
+            v = np.float32(row[t])
+            a0 += v * cs[j, t]
+            a1 += v * cs[j + 1, t]
+        scores[j] = np.float32(-2.0) * a0 + sqs[j]
+        scores[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
+        j += 2
+    if j < stop:
+        a0 = np.float32(0.0)
+        for t in range(d):
+            a0 += np.float32(row[t]) * cs[j, t]
+        scores[j] = np.float32(-2.0) * a0 + sqs[j]
+
+
+@njit(cache=True, nogil=True)
+def _float32_down(v):
+    """A float32 no larger than v: moved one float32 ulp (relative) towards -inf, then rounded to nearest."""
+    w = v - abs(v) * 2.0**-23
+    return np.float32(w if w < _FLOAT32_MAX else _FLOAT32_MAX)  # +inf (no other centre in the group) gives NaN
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _kernel(
+    chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
+    cs, sqs, starts, ends, slack_cmax, cmax, round64, bound_slack,
+    dense_share, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, dense,
+):  # fmt: skip
+    n, d = chunk.shape
+    k = cs.shape[0]
+    n_groups = starts.size
+    now = drift.shape[0] - 1
+    grow = 1.0 + bound_slack
+    shrink = 1.0 - bound_slack
+    largest = 0.0
+    for j in range(k):
+        largest = max(largest, moved[j])
+    scores = np.empty(k, dtype=np.float32)
+    bounds = np.empty(n_groups)
+    reached = np.empty(n_groups, dtype=np.intp)
+    group_of = np.empty(k, dtype=np.intp)
+    for g in range(n_groups):
+        for j in range(starts[g], ends[g]):
+            group_of[j] = g
+    since = np.empty((now + 1, n_groups))  # how far the group bounds of a row stamped at pass s have moved
+    for s in range(now + 1):
+        for g in range(n_groups):
+            since[s, g] = (drift[now, g] - drift[s, g]) * grow + (now - s + 1) * 2.0**-52 * drift[now, g]
+    n_unsure = 0
+    n_dense = 0
+    n_scores = 0  # screened distances computed in the loop
+    for i in range(n):
+        own = labels[i]
+        up = (upper[i] + moved[own]) * grow
+        near = (nearest[i] - largest) * shrink
+        out_labels[i] = own
+        if up < near:  # the global filter
+            out_upper[i] = up
+            out_nearest[i] = near
+            continue
+        s = stamp[i]
+        near = np.inf
+        for g in range(n_groups):  # screening.ModelState.group_bounds, for one row
+            bounds[g] = (np.float64(lower[i, g]) - since[s, g]) * shrink
+            near = min(near, bounds[g])
+        if up < near:
+            out_upper[i] = up
+            out_nearest[i] = near
+            continue
+        row = chunk[i]
+        error = slack_cmax * (cmax + 2 * x_norm[i]) + round64 * x_sq[i]
+        _scores(row, cs, sqs, own, own + 1, scores)
+        n_scores += 1
+        up = np.sqrt(max(x_sq[i] + np.float64(scores[own]) + error, 0.0))
+        if up < near:  # the upper bound, tightened by the one distance to the own centre
+            out_upper[i] = up
+            out_nearest[i] = near
+            continue
+        # The local filter: only groups whose lower bound the row's upper bound reaches.
+        n_reached = 0
+        wanted = 0
+        for g in range(n_groups):
+            if bounds[g] <= up:
+                reached[n_reached] = g
+                n_reached += 1
+                wanted += ends[g] - starts[g]
+        if wanted > dense_share * k:  # most distances needed: one matrix product does them faster
+            dense[n_dense] = i
+            n_dense += 1
+            continue
+        r = 0
+        while r < n_reached:  # runs of neighbouring groups in one call, four centres per sweep of the row
+            last = r
+            while last + 1 < n_reached and reached[last + 1] == reached[last] + 1:
+                last += 1
+            _scores(row, cs, sqs, starts[reached[r]], ends[reached[last]], scores)
+            n_scores += ends[reached[last]] - starts[reached[r]]
+            r = last + 1
+        best = own
+        for r in range(n_reached):
+            for j in range(starts[reached[r]], ends[reached[r]]):
+                if scores[j] < scores[best] or (scores[j] == scores[best] and j < best):
+                    best = j
+        floor = x_sq[i] - error
+        upper2 = x_sq[i] + np.float64(scores[best]) + error
+        for g in range(n_groups):  # groups not reached keep today's bound
+            out_lower[i, g] = _float32_down(bounds[g])
+        doubt = False
+        for r in range(n_reached):
+            g = reached[r]
+            low = np.inf
+            for j in range(starts[g], ends[g]):
+                if j != best and scores[j] < low:
+                    low = np.float64(scores[j])
+            doubt |= low + floor <= upper2
+            out_lower[i, g] = _float32_down(np.sqrt(max(low + floor, 0.0)))
+        g = group_of[own]
+        if best != own and bounds[g] > up:  # the old centre joins the others of its (unreached) group
+            own2 = np.float64(scores[own]) + floor
+            doubt |= own2 <= upper2
+            out_lower[i, g] = min(out_lower[i, g], _float32_down(np.sqrt(max(own2, 0.0))))
+        near = np.inf
+        for g in range(n_groups):
+            near = min(near, np.float64(out_lower[i, g]))
+        if doubt:  # near-tie within the screening error: screening.exact_rows decides in float64
+            unsure[n_unsure] = i
+            n_unsure += 1
+        out_labels[i] = best
+        out_upper[i] = np.sqrt(max(upper2, 0.0))
+        out_nearest[i] = near
+        out_stamp[i] = now
+    return n_unsure, n_dense, n_scores

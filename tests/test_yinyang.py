@@ -1,0 +1,121 @@
+"""Tests for dkmeans.yinyang: the compiled bounded pass gives screening's numpy path's labels, and valid bounds.
+
+Oracles: plain numpy squared distances by direct differences (their argmin), and the numpy bounded pass
+(screening.bounds_filter + assign_rows + settle), run on the same MNIST rows from the same states.
+"""
+
+import numpy as np
+import pytest
+from test_screening import check_bounds, ref_sq_distances  # pytest puts tests/ on sys.path
+
+from dkmeans import kernels, screening, yinyang
+
+
+@pytest.fixture(scope="module")
+def rows(mnist_numpy):
+    X, _ = mnist_numpy
+    return np.ascontiguousarray(X[20000:23001])
+
+
+def numpy_path(monkeypatch):
+    monkeypatch.setattr(yinyang, "available", lambda model: False)
+
+
+def run_passes(x, centers, k, passes):
+    """Lloyd passes with bounds; every pass's (state, stats), and the centres they were computed for."""
+    norms = kernels.chunk_norms(x)
+    state, out = None, []
+    for _ in range(passes):
+        states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms, states=[state], bounds=True)
+        state = states[0]
+        out.append((state, stats[0], centers))
+        far = x[stats[0].far_index[: int((stats[0].counts == 0).sum())]]  # rows for empty clusters
+        centers = kernels.update_centers(stats[0], centers, far)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 64, 200])
+def test_compiled_passes_equal_the_numpy_passes_and_brute_force(rows, k, monkeypatch):
+    """Twelve Lloyd iterations from the same start: the same labels and exact sums, pass by pass; bounds hold."""
+    start = rows[np.random.default_rng(k).choice(len(rows), k, replace=False)].astype(np.float64)
+    compiled = run_passes(rows, start, k, 12)
+    numpy_path(monkeypatch)
+    reference = run_passes(rows, start, k, 12)
+    for (state, stats, centers), (ref_state, ref_stats, ref_centers) in zip(compiled, reference):
+        np.testing.assert_array_equal(centers, ref_centers)
+        np.testing.assert_array_equal(state.labels, ref_state.labels)
+        np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
+        np.testing.assert_array_equal(stats.sums, ref_stats.sums)
+        np.testing.assert_array_equal(stats.counts, ref_stats.counts)
+        check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 0.6, 2.0])
+def test_rows_sent_to_the_matrix_product_or_kept_in_the_loop_agree(rows, dense_share, monkeypatch):
+    """DENSE_SHARE only moves work between the loop and BLAS (0: every reached row to BLAS; 2: none)."""
+    monkeypatch.setattr(yinyang, "DENSE_SHARE", dense_share)
+    k = 64
+    start = rows[np.random.default_rng(1).choice(len(rows), k, replace=False)].astype(np.float64)
+    for state, _, centers in run_passes(rows, start, k, 6):
+        np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
+        check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+
+
+@pytest.mark.parametrize("form", ["read-only", "strided", "float32", "float64", "empty"])
+def test_chunk_forms(rows, form):
+    """Stored chunks are read-only arrays; views may be strided; floats are converted as screening does."""
+    x = rows[:800].copy()
+    if form == "read-only":
+        x.setflags(write=False)
+    elif form == "strided":
+        x = rows[:1600:2]
+    elif form == "float32":
+        x = (x / 255).astype(np.float32)
+    elif form == "float64":
+        x = x / 7.0
+    elif form == "empty":
+        x = x[:0]
+    k = 12
+    start = np.random.default_rng(2).random((k, x.shape[1])) * 0.5
+    if not x.size:  # no rows: a fresh pass, then a bounded one, each with nothing to do
+        norms, state = kernels.chunk_norms(x), None
+        for centers in (start, start + 1):
+            states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (0,), norms=norms, states=[state], bounds=True)
+            state = states[0]
+            assert (
+                state.labels.shape == (0,)
+                and stats[0].counts.sum() == 0
+                and state.drift.shape[0] == 1 + (centers is not start)
+            )
+        return
+    start = x[np.random.default_rng(2).choice(x.shape[0], k, replace=False)].astype(np.float64) + start
+    for state, _, centers in run_passes(x, start, k, 5):
+        np.testing.assert_array_equal(state.labels, ref_sq_distances(x, centers).argmin(axis=1))
+        check_bounds(x, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+
+
+def test_duplicate_centres_tie_to_the_lowest_index(rows):
+    """Equal centres give equal screened scores: the row goes to float64, where the lowest index wins."""
+    k = 6
+    start = rows[np.random.default_rng(3).choice(len(rows), 3, replace=False)].astype(np.float64)
+    start = np.repeat(start, 2, axis=0)  # centres 2j and 2j+1 coincide
+    for state, _, centers in run_passes(rows, start, k, 4):
+        np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
+        assert (state.labels % 2 == 0).all() or not np.array_equal(centers[0], centers[1])
+
+
+def test_float32_down_is_a_float32_lower_bound():
+    values = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 3.0e38, 1e39, -1e39, np.inf, -np.inf, np.pi, 2.0**-149]
+    values += list(np.random.default_rng(0).normal(size=200) * 10.0 ** np.random.default_rng(1).integers(-20, 20, 200))
+    for v in values:
+        down = yinyang._float32_down(v)
+        assert isinstance(down, float) or np.float32(down) == down
+        assert np.float64(down) <= v, v
+        assert np.isfinite(down) or v < -float(np.finfo(np.float32).max), v  # -inf: below every float32
+        if np.isfinite(v) and abs(v) < 1e38 and abs(v) > 1e-37:
+            assert v - np.float64(down) <= abs(v) * 2.0**-22  # at most about two float32 ulps below
+
+
+def test_applies_only_to_float32_screening():
+    assert yinyang.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float32)))
+    assert not yinyang.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float64)))
