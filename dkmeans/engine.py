@@ -26,7 +26,7 @@ from dask import delayed
 from dask._task_spec import Alias, DataNode, Task
 from dask.core import flatten
 from dask.sizeof import sizeof
-from distributed import Client, Future, futures_of
+from distributed import Client, Future, futures_of, get_worker
 
 from . import allocator, disk_state, kernels, screening, worker_state
 
@@ -36,6 +36,10 @@ SPLIT_EVERY = 8
 BROADCAST_BYTES = 1 << 20
 # Stored bytes of streamed chunks one task reads and processes (see map_chunk_futures).
 STREAM_GROUP_BYTES = 32 << 20
+# Workers with a smaller memory limit run the numpy kernels: numba's runtime and the compiled kernels take
+# about 100 MB of each process (dkmeans.compiled), which would push a 400 MB streaming worker past the
+# point where Dask starts spilling (70 % of its limit).
+COMPILED_MIN_MEMORY = 1 << 30
 # Persist the data on the workers when it takes at most this share of their memory.
 PERSIST_MEMORY_FRACTION = 0.5
 # k-means|| settings (Bahmani et al. 2012): 5 rounds of oversampling ~2k rows each.
@@ -200,9 +204,29 @@ def map_chunks(data: ChunkedData, func, *args, name: str, nout: int | None = Non
 
 
 def _kernel(func, *args, **kwargs):
-    """Run a numpy kernel on a worker, with the allocator set for its tiles (see allocator)."""
-    allocator.keep_tile_memory()
+    """Run a kernel on a worker, set up for it (_prepare_worker)."""
+    _prepare_worker()
     return func(*args, **kwargs)
+
+
+def _prepare_worker() -> None:
+    """Once per worker process: the allocator set for the kernels' tiles (see allocator), and the compiled
+    kernels allowed only where the worker's memory limit leaves room for numba (COMPILED_MIN_MEMORY)."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    allocator.keep_tile_memory()
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except ValueError:  # not in a worker (a local scheduler): the process's own memory
+        limit = None
+    if limit and limit < COMPILED_MIN_MEMORY:
+        kernels.use_compiled(False)
+        log.info("memory limit %d MB: the numpy kernels run here, not the compiled ones", limit >> 20)
+
+
+_prepared = False
 
 
 def tree_reduce(parts: list, combine, *args, name: str):
@@ -475,7 +499,7 @@ def lloyd_pass(
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offset, index):
     """One chunk's step; its state stays in worker memory, or (streamed data, with ``digests``) on local disk."""
-    allocator.keep_tile_memory()
+    _prepare_worker()
     if digests is None:
         norms = worker_state.get((fit, index, "norms"))
         states = [worker_state.get((fit, index, m)) for m in ids]

@@ -11,8 +11,8 @@ The same error bounds give rigorous Yinyang bounds (an upper bound on the
 distance to the row's own centre, a lower bound per group of other centres).
 When the centres move, the bounds move by at most the centres' shifts, and a
 row whose upper bound stays below its lower bounds keeps its centre without
-computing any distance. numpy and one compiled loop (integer row norms; the
-bounded pass itself is compiled in yinyang.py): nothing here knows about Dask.
+computing any distance. Pure numpy (dkmeans.compiled has the bounded pass
+compiled): nothing here knows about Dask.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 ROUNDING = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
 # Above this magnitude a float32 product could overflow: such data is screened in float64.
@@ -106,7 +105,7 @@ def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:
     """Squared norms in float64 (exact for integers), tile by tile; ``check(x, sq, start)`` sees each float tile."""
     n = chunk.shape[0]
     if chunk.dtype.kind in "ui" and chunk.dtype.itemsize <= 2 and n:
-        return _small_integer_norms(chunk)
+        return _small_integer_norms(chunk, tile_rows)
     sq = np.empty(n, dtype=np.float64)
     floating = chunk.dtype.kind == "f"
     integral = not floating
@@ -125,30 +124,21 @@ def row_norms(chunk: np.ndarray, tile_rows: int, check) -> RowNorms:
     return RowNorms(sq, np.sqrt(sq), float(sq.sum()), screen, integral)
 
 
-def _small_integer_norms(chunk: np.ndarray) -> RowNorms:
-    """row_norms of 8- and 16-bit integers (MNIST's uint8) in integer arithmetic: exact, in one compiled pass.
-
-    30,000 MNIST rows: 2 ms, where numpy's integer einsum plus a min and a max took 15-17 ms.
-    """
-    n = chunk.shape[0]
+def _small_integer_norms(chunk: np.ndarray, tile_rows: int) -> RowNorms:
+    """row_norms of 8- and 16-bit integers (MNIST's uint8) in integer arithmetic: exact, and 4-5x faster."""
+    n, d = chunk.shape
+    largest = max(abs(int(chunk.min())), int(chunk.max()))
+    accumulator = np.int32 if d * largest**2 < 2**31 else np.int64
     sq = np.empty(n, dtype=np.float64)
-    largest = _integer_squares(chunk, sq)  # int64 sums: exact for any row of 16-bit values
-    return RowNorms(sq, np.sqrt(sq), float(sq.sum()), np.dtype(np.float32), largest * n < 2**52)
+    for start in range(0, n, tile_rows):
+        x = chunk[start : start + tile_rows]
+        sq[start : start + x.shape[0]] = np.einsum("ij,ij->i", x, x, dtype=accumulator)
+    return integer_norms(sq, largest)
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
-def _integer_squares(chunk, out):
-    """out[i] = |row i|^2, exactly; returns the largest absolute value in the chunk."""
-    largest = 0
-    for i in range(chunk.shape[0]):
-        row = chunk[i]
-        total = 0
-        for t in range(row.size):
-            v = np.int64(row[t])
-            total += v * v
-            largest = max(largest, abs(v))
-        out[i] = total
-    return largest
+def integer_norms(sq: np.ndarray, largest: int) -> RowNorms:
+    """RowNorms of whole-number rows from their exact squared norms and their largest absolute value."""
+    return RowNorms(sq, np.sqrt(sq), float(sq.sum()), np.dtype(np.float32), largest * sq.size < 2**52)
 
 
 def prepare(centers: np.ndarray, screen: np.dtype) -> Centres:
@@ -372,8 +362,9 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
     state, not yet updated for the returned rows, which need all k distances
     (one matrix product; Yinyang's per-group local filter would cost a gather
     per group, more than the product saves in numpy). This numpy path serves
-    data screened in float64; float32 screening takes dkmeans.yinyang, which
-    compiles the local filter.
+    data screened in float64, and processes that do not use compiled kernels
+    (kernels.use_compiled); the others take dkmeans.compiled, which compiles
+    the local filter.
     """
     labels = state.labels
     moved, drifted = drift_by(model, state)

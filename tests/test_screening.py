@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkmeans import kernels, screening, yinyang
+from dkmeans import compiled, kernels, screening
 
 
 def ref_sq_distances(x, c):
@@ -91,9 +91,9 @@ def test_huge_values_are_screened_in_float64():
 
 @pytest.fixture(params=["compiled", "numpy"])
 def bounded_path(request, monkeypatch):
-    """Run a test with the compiled bounded pass (dkmeans.yinyang), then with screening's numpy one."""
+    """Run a test with the compiled kernels (dkmeans.compiled), then with the numpy ones."""
     if request.param == "numpy":
-        monkeypatch.setattr(yinyang, "available", lambda model: False)
+        monkeypatch.setattr(kernels, "_use_compiled", False)
     return request.param
 
 
@@ -110,7 +110,7 @@ def test_bounded_passes_follow_lloyd_exactly_and_skip_rows(rows, k, bounded_path
             recomputed.append(int((states[0].stamp == states[0].drift.shape[0] - 1).sum()))
         elif state is not None:  # distances computed, as rows' worth (the local filter computes parts of rows)
             model = screening.prepare(centers, norms.screen)
-            recomputed.append(yinyang.bounded_pass(rows, norms, model, state, 256)[1] // k)
+            recomputed.append(compiled.bounded_pass(rows, norms, model, state, 256)[1] // k)
         np.testing.assert_array_equal(states[0].labels, ref_sq_distances(rows, centers).argmin(axis=1))
         np.testing.assert_array_equal(states[0].labels, brute_states[0].labels)
         np.testing.assert_array_equal(fast[0].sums, brute[0].sums)  # incremental exact sums = full sums
@@ -241,7 +241,7 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
     norms = kernels.chunk_norms(x)
     state = None
     old, screening.DRIFT_HISTORY = screening.DRIFT_HISTORY, history
-    compiled, yinyang.available = yinyang.available, (yinyang.available if path == "compiled" else lambda m: False)
+    kernels.use_compiled(path == "compiled")
     try:
         for _ in range(6):
             states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms, states=[state], bounds=True)
@@ -253,4 +253,4 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
             centers = kernels.update_centers(stats[0], centers, far)
     finally:
         screening.DRIFT_HISTORY = old
-        yinyang.available = compiled
+        kernels.use_compiled(True)

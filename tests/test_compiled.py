@@ -1,14 +1,17 @@
-"""Tests for dkmeans.yinyang: the compiled bounded pass gives screening's numpy path's labels, and valid bounds.
+"""Tests for dkmeans.compiled: the compiled kernels give the numpy kernels' results (labels, bounds, sums, norms).
 
 Oracles: plain numpy squared distances by direct differences (their argmin), and the numpy bounded pass
 (screening.bounds_filter + assign_rows + settle), run on the same MNIST rows from the same states.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from test_screening import check_bounds, ref_sq_distances  # pytest puts tests/ on sys.path
 
-from dkmeans import kernels, screening, yinyang
+from dkmeans import compiled, kernels, screening
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def rows(mnist_numpy):
 
 
 def numpy_path(monkeypatch):
-    monkeypatch.setattr(yinyang, "available", lambda model: False)
+    monkeypatch.setattr(kernels, "_use_compiled", False)
 
 
 def run_passes(x, centers, k, passes):
@@ -53,7 +56,7 @@ def test_compiled_passes_equal_the_numpy_passes_and_brute_force(rows, k, monkeyp
 @pytest.mark.parametrize("dense_share", [0.0, 0.6, 2.0])
 def test_rows_sent_to_the_matrix_product_or_kept_in_the_loop_agree(rows, dense_share, monkeypatch):
     """DENSE_SHARE only moves work between the loop and BLAS (0: every reached row to BLAS; 2: none)."""
-    monkeypatch.setattr(yinyang, "DENSE_SHARE", dense_share)
+    monkeypatch.setattr(compiled, "DENSE_SHARE", dense_share)
     k = 64
     start = rows[np.random.default_rng(1).choice(len(rows), k, replace=False)].astype(np.float64)
     for state, _, centers in run_passes(rows, start, k, 6):
@@ -106,9 +109,10 @@ def test_duplicate_centres_tie_to_the_lowest_index(rows):
 
 def test_float32_down_is_a_float32_lower_bound():
     values = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 3.0e38, 1e39, -1e39, np.inf, -np.inf, np.pi, 2.0**-149]
+    values += [1.0e-45, 2.2e-45, -1.0e-45, 1e-40, 3.3e-39, 1e-300]  # float32 subnormals and below
     values += list(np.random.default_rng(0).normal(size=200) * 10.0 ** np.random.default_rng(1).integers(-20, 20, 200))
     for v in values:
-        down = yinyang._float32_down(v)
+        down = compiled._float32_down(v)
         assert isinstance(down, float) or np.float32(down) == down
         assert np.float64(down) <= v, v
         assert np.isfinite(down) or v < -float(np.finfo(np.float32).max), v  # -inf: below every float32
@@ -117,5 +121,61 @@ def test_float32_down_is_a_float32_lower_bound():
 
 
 def test_applies_only_to_float32_screening():
-    assert yinyang.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float32)))
-    assert not yinyang.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float64)))
+    assert compiled.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float32)))
+    assert not compiled.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float64)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+@pytest.mark.parametrize("n", [0, 1, 3001, 70000])
+def test_integer_sums_and_norms_equal_the_numpy_ones(dtype, n, monkeypatch):
+    """Compiled integer sums and squared norms are exact: the numpy kernels' values, at the dtypes' extremes."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(n)
+    chunk = rng.choice(np.array([info.min, info.max, 0, 1, -1 if info.min else 2], dtype=dtype), size=(n, 7))
+    labels = rng.integers(0, 5, n).astype(np.int32)
+    fast_sums, fast_norms = kernels.cluster_sums(chunk, labels, 6), kernels.chunk_norms(chunk)
+    numpy_path(monkeypatch)
+    np.testing.assert_array_equal(fast_sums, kernels.cluster_sums(chunk, labels, 6))
+    slow_norms = kernels.chunk_norms(chunk)
+    np.testing.assert_array_equal(fast_norms.sq, slow_norms.sq)
+    assert (fast_norms.total, fast_norms.integral, fast_norms.screen) == (
+        slow_norms.total,
+        slow_norms.integral,
+        slow_norms.screen,
+    )
+
+
+def test_compiled_kernels_are_loaded_only_when_allowed():
+    """Processes kept to the numpy kernels (small workers) never load the compiled ones (nor numba, for them)."""
+    code = (
+        "import sys, numpy as np; from dkmeans import kernels, estimator, engine; kernels.use_compiled(False);"
+        "x = np.arange(20, dtype=np.uint8).reshape(4, 5); c = x[:2].astype(float);"
+        "s, _ = kernels.lloyd_chunk_many(x, c, (2,), (0,), bounds=True);"
+        "kernels.lloyd_chunk_many(x, c + 1, (2,), (0,), states=s, bounds=True);"
+        "print('dkmeans.compiled' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_small_workers_run_the_numpy_kernels_with_the_same_result(mnist, client):
+    """Under engine.COMPILED_MIN_MEMORY a worker never loads the compiled kernels; the fit is bit for bit the same."""
+    from distributed import Client, LocalCluster
+
+    from dkmeans import KMeans
+
+    # A lambda travels by value: running a function of this module would import it there, and with it
+    # dkmeans.compiled.
+    report = lambda: ("dkmeans.compiled" in sys.modules, kernels._use_compiled)  # noqa: E731
+    X = mnist.train_images[:12000]
+    init = X[:8].compute().astype(np.float64)
+    big = KMeans(8, init=init, max_iter=6, tol=0, client=client).fit(X)
+    assert all(report == (True, True) for report in client.run(report).values())
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="700MB", dashboard_address=":0") as cluster:
+        with Client(cluster) as small_client:
+            small = KMeans(8, init=init, max_iter=6, tol=0, client=small_client).fit(X)
+            reports = small_client.run(report)
+            assert all(report == (False, False) for report in reports.values()), reports
+    np.testing.assert_array_equal(small.cluster_centers_, big.cluster_centers_)
+    np.testing.assert_array_equal(small.labels_, big.labels_)
+    assert small.inertia_ == big.inertia_ and small.n_iter_ == big.n_iter_

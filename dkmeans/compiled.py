@@ -1,13 +1,19 @@
-"""A bounded pass compiled with numba: Yinyang's local filter, row by row, over screened float32 distances.
+"""Kernels compiled with numba: the bounded (Yinyang) pass, integer cluster sums and integer row norms.
 
-screening.bounds_filter checks the bounds in numpy and recomputes every
-distance of each row it cannot settle, with one matrix product. Here each
-such row first gets its distance to its own centre (tightening the upper
-bound), then only the groups of centres whose lower bound it does not clear
-(Ding et al., 2015, the local filter). In numpy that would cost a gather per
-group; compiled, it is a loop. The screened distances, their error bounds,
-the state's layout and the rows left to float64 are exactly screening's, so
-both paths give the same labels and bounds (tests/test_yinyang.py).
+Imported only where kernels.use_compiled allows it: numba's runtime and this
+module's code take about 100 MB of a process's memory (measured in a Dask
+worker: 65 MB fresh, 237 MB with dkmeans and these kernels loaded), too much
+for a small worker, which then runs the numpy versions (same results).
+
+The bounded pass: screening.bounds_filter checks the bounds in numpy and
+recomputes every distance of each row it cannot settle, with one matrix
+product. Here each such row first gets its distance to its own centre
+(tightening the upper bound), then only the groups of centres whose lower
+bound it does not clear (Ding et al., 2015, the local filter). In numpy that
+would cost a gather per group; compiled, it is a loop. The screened
+distances, their error bounds, the state's layout and the rows left to
+float64 are exactly screening's, so both paths give the same labels and
+bounds (tests/test_compiled.py).
 """
 
 from __future__ import annotations
@@ -119,7 +125,10 @@ def _scores(row, cs, sqs, start, stop, scores):
 def _float32_down(v):
     """A float32 no larger than v: moved one float32 ulp (relative) towards -inf, then rounded to nearest."""
     w = v - abs(v) * 2.0**-23
-    return np.float32(w if w < _FLOAT32_MAX else _FLOAT32_MAX)  # +inf (no other centre in the group) gives NaN
+    down = np.float32(w if w < _FLOAT32_MAX else _FLOAT32_MAX)  # +inf (no other centre in the group) gives NaN
+    if np.float64(down) > v:  # only among float32's subnormals, too coarse for the nudge
+        down = np.nextafter(down, np.float32(-np.inf))
+    return down
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -232,3 +241,28 @@ def _kernel(
         out_nearest[i] = near
         out_stamp[i] = now
     return n_unsure, n_dense, n_scores
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def add_rows(chunk, labels, sums):
+    """sums[labels[i]] += chunk[i] for every row, in the accumulators' integer type (kernels.cluster_sums)."""
+    for i in range(chunk.shape[0]):
+        total = sums[labels[i]]
+        row = chunk[i]
+        for t in range(row.size):
+            total[t] += row[t]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def integer_squares(chunk, out):
+    """out[i] = |row i|^2, exactly (int64); returns the largest absolute value in the chunk."""
+    largest = 0
+    for i in range(chunk.shape[0]):
+        row = chunk[i]
+        total = 0
+        for t in range(row.size):
+            v = np.int64(row[t])
+            total += v * v
+            largest = max(largest, abs(v))
+        out[i] = total
+    return largest
