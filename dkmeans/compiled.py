@@ -52,7 +52,7 @@ def bounded_pass(
     starts = screening.group_starts(model.k)
     ends = np.append(starts[1:], model.k).astype(np.intp)
     d = model.c64.shape[1]
-    labels = state.labels.copy()
+    labels = np.empty_like(state.labels)  # the kernel writes every row's label, upper bound and nearest
     upper, nearest = np.empty_like(state.upper), np.empty_like(state.nearest)
     new_lower, new_stamp = lower.copy(), stamp.copy()
     unsure, dense = np.empty(labels.size, dtype=np.intp), np.empty(labels.size, dtype=np.intp)
