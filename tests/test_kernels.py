@@ -530,6 +530,33 @@ def test_weighted_kmeans_plusplus_degenerate_weights_still_distinct():
     assert len(np.unique(centers[:, 0])) == 3
 
 
+@pytest.mark.parametrize("k", [1, 7, 25])
+def test_weighted_lloyd_equals_scikit_learn_with_sample_weight(mnist_slice, k):
+    from sklearn.cluster import KMeans as SKKMeans
+
+    points = mnist_slice[:500].astype(np.float64)
+    weights = np.random.default_rng(k).integers(0, 40, size=len(points)).astype(np.float64)
+    start = kernels.weighted_kmeans_plusplus(points, k, weights, np.random.default_rng(k))
+    ours = kernels.weighted_lloyd(points, weights, start, max_iter=300)
+    ref = SKKMeans(k, init=start, n_init=1, max_iter=300, tol=0, algorithm="lloyd")
+    ref.fit(points, sample_weight=weights)
+    np.testing.assert_allclose(ours, ref.cluster_centers_, rtol=1e-12, atol=1e-9)
+    # few iterations: exactly where scikit-learn is after as many
+    two = SKKMeans(k, init=start, n_init=1, max_iter=2, tol=0, algorithm="lloyd").fit(points, sample_weight=weights)
+    np.testing.assert_allclose(
+        kernels.weighted_lloyd(points, weights, start, max_iter=2), two.cluster_centers_, rtol=1e-12, atol=1e-9
+    )
+
+
+def test_weighted_lloyd_keeps_centres_without_weight():
+    points = np.array([[0.0], [1.0], [10.0], [11.0], [50.0]])
+    weights = np.array([1.0, 3.0, 1.0, 1.0, 0.0])  # the point at 50 counts for nothing
+    start = np.array([[0.0], [10.0], [50.0], [100.0]])  # 50 holds only a weightless point, 100 holds none
+    out = kernels.weighted_lloyd(points, weights, start, max_iter=30)
+    np.testing.assert_array_equal(out, [[0.75], [10.5], [50.0], [100.0]])
+    assert start[0, 0] == 0.0  # the caller's centres are not modified
+
+
 # --- degenerate chunk sizes ------------------------------------------------------------
 
 
