@@ -7,7 +7,7 @@ from distributed import Client, LocalCluster
 from sklearn.cluster import KMeans as SKKMeans
 
 from dkmeans import KMeans, kernels
-from dkmeans.engine import chunk_data, lloyd
+from dkmeans.engine import MIN_ROUND_PICKS, OVERSAMPLING, PARALLEL_ROUNDS, chunk_data, lloyd
 from dkmeans.seeding import init_centers
 
 K = 10
@@ -359,7 +359,8 @@ def test_kmeans_parallel_recluster_is_weighted_lloyd_on_its_candidates(X, client
 
     monkeypatch.setattr(seeding.kernels, "weighted_kmeans_plusplus", spy)
     C = init_centers(client, chunked, K, "k-means||", np.random.default_rng(4))
-    assert len(seen["points"]) >= 5 * 50 * 0.7  # 5 rounds of about max(2k, 50) picks
+    expected = PARALLEL_ROUNDS * max(OVERSAMPLING * K, MIN_ROUND_PICKS)  # picks, drawn at random
+    assert 0.7 * expected <= len(seen["points"]) <= 1.3 * expected
     assert seen["weights"].sum() == len(X)  # every row counted once, at its nearest candidate
     ref = SKKMeans(K, init=seen["start"], n_init=1, tol=0, algorithm="lloyd")
     ref.fit(seen["points"], sample_weight=seen["weights"])
