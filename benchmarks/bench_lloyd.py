@@ -16,8 +16,9 @@ the absolute times are noisy (a shared machine). Parts:
    its own labels (faiss: under the nearest-centre assignment) against the inertia it reports and
    against scikit-learn's; and its final centres against scikit-learn's.
 2. The whole fit, initialisation included, with each system's default init, max_iter and tol, for each
-   k in --fit-k: scikit-learn, dask-ml (float32) and dkmeans on its native uint8 data (dask-ml's
-   k-means|| is very slow at large k: --skip-slow skips dask-ml at k > 64).
+   k in --fit-k and seeds 0 .. --fit-seeds - 1 (medians compared): scikit-learn, dask-ml (float32) and
+   dkmeans on its native uint8 data (dask-ml's k-means|| is very slow at large k: it runs seed 0 only
+   there, and --skip-slow skips it at k > 64).
 3. Roofline: the machine's float32 matrix-product rate and memory read bandwidth on 2 threads, measured
    here, and each system's achieved GFLOP/s counting brute-force work (2 n d k flops per pass).
 4. Dask overhead of dkmeans, from the scheduler's task stream (see dask_overhead()).
@@ -27,7 +28,7 @@ the absolute times are noisy (a shared machine). Parts:
 Needs the bench extra (pip install -e ".[bench]"). Usage:
 
     DKMEANS_DATA_DIR=../shared/data/mnist python benchmarks/bench_lloyd.py
-    python benchmarks/bench_lloyd.py --k 10 --iters 3 --repeats 1 --fit-k 10 --skip-slow   # a quick check
+    python benchmarks/bench_lloyd.py --k 10 --iters 3 --repeats 1 --fit-k 10 --fit-seeds 1 --skip-slow  # quick
 """
 
 from __future__ import annotations
@@ -329,8 +330,13 @@ def agreeing_groups(rows) -> list[list[str]]:
 
 
 def part_whole_fit(args, client, data):
-    """Part 2: default init, default max_iter and tol, whole fit timed."""
-    print("\nWhole fit with each system's default init (random_state=0), default max_iter and tol")
+    """Part 2: default init, default max_iter and tol, whole fit timed, for seeds 0 .. --fit-seeds - 1.
+
+    The iteration count a default start leads to varies by a factor of 2-3 with the seed, in every system,
+    so a single seed says little: the ratios are of the medians over the seeds.
+    """
+    seeds = range(args.fit_seeds)
+    print(f"\nWhole fit with each system's default init, default max_iter and tol, random_state = {list(seeds)}")
     print("  (tol means different things: scikit-learn's is relative to the data's variance, dask-ml's")
     print("   bounds the squared centre shift, dkmeans' bounds every centre's move in pixel units)")
     X64 = data["X64"]
@@ -338,36 +344,42 @@ def part_whole_fit(args, client, data):
     # every centre moved less than sqrt(that / k) meets it too, so "dkmeans-u8/sk-tol" stops no earlier.
     sk_tol = 1e-4 * float(np.var(X64, axis=0).mean())
     print(f"  dkmeans-u8/sk-tol: dkmeans with tol = sqrt({sk_tol:.4g} / k), at least scikit-learn's convergence")
-    print(f"{'system':<18} {'k':>5} {'seconds':>9} {'n_iter':>7} {'inertia (numpy)':>16} {'this/sklearn':>13}")
+    print(f"  dask-ml at k > 64: seed 0 only (about 2 minutes a fit){'; skipped (--skip-slow)' * args.skip_slow}")
+    print(f"{'system':<18} {'k':>5} {'seed':>4} {'seconds':>9} {'n_iter':>7} {'inertia (numpy)':>16}")
     for k in args.fit_k:
-        rows = []
-        for system in ("sklearn", "dask-ml", "dkmeans-u8", "dkmeans-u8/sk-tol"):
-            if system.split("/")[0] not in args.systems:
-                continue
-            if system == "dask-ml" and args.skip_slow and k > 64:
-                print(f"{system:<18} {k:>5} {'skipped (--skip-slow)':>34}")
-                continue
-            start = time.perf_counter()
-            if system == "sklearn":
-                with threadpool_limits(THREADS):
-                    est = SKKMeans(k, n_init=1, random_state=0).fit(data["f32"])
-                labels = est.labels_
-            elif system == "dask-ml":
-                with quiet():
-                    est = dask_ml.cluster.KMeans(k, random_state=0).fit(data["dask_f32"])
+        times = {}
+        for seed in seeds:
+            for system in ("sklearn", "dask-ml", "dkmeans-u8", "dkmeans-u8/sk-tol"):
+                if system.split("/")[0] not in args.systems:
+                    continue
+                if system == "dask-ml" and k > 64 and (args.skip_slow or seed > 0):
+                    continue
+                start = time.perf_counter()
+                if system == "sklearn":
+                    with threadpool_limits(THREADS):
+                        est = SKKMeans(k, n_init=1, random_state=seed).fit(data["f32"])
+                    labels = est.labels_
+                elif system == "dask-ml":
+                    with quiet():
+                        est = dask_ml.cluster.KMeans(k, random_state=seed).fit(data["dask_f32"])
+                        seconds = time.perf_counter() - start
+                        labels = est.labels_.compute()
+                else:
+                    tol = float(np.sqrt(sk_tol / k)) if system.endswith("sk-tol") else 1e-4
+                    est = KMeans(k, client=client, random_state=seed, tol=tol).fit(data["dask_u8"])
+                    labels = est.labels_
+                if system != "dask-ml":
                     seconds = time.perf_counter() - start
-                    labels = est.labels_.compute()
-            else:
-                tol = float(np.sqrt(sk_tol / k)) if system.endswith("sk-tol") else 1e-4
-                est = KMeans(k, client=client, random_state=0, tol=tol).fit(data["dask_u8"])
-                labels = est.labels_
-            if system != "dask-ml":
-                seconds = time.perf_counter() - start
-            inertia = inertia_of(X64, est.cluster_centers_, labels)
-            rows.append((system, seconds))
-            ref = dict(rows).get("sklearn")
-            ratio = f"{seconds / ref:12.2f}x" if ref else f"{'-':>13}"
-            print(f"{system:<18} {k:>5} {seconds:>9.2f} {est.n_iter_:>7} {inertia:>16.6e} {ratio}", flush=True)
+                inertia = inertia_of(X64, est.cluster_centers_, labels)
+                times.setdefault(system, []).append(seconds)
+                print(f"{system:<18} {k:>5} {seed:>4} {seconds:>9.2f} {est.n_iter_:>7} {inertia:>16.6e}", flush=True)
+        medians = {system: statistics.median(t) for system, t in times.items()}
+        ref, slow = medians.get("sklearn"), medians.get("dask-ml")
+        for system, median in medians.items():
+            vs_sk = f"{median / ref:.2f}x scikit-learn" if ref else ""
+            vs_dask = f", dask-ml {slow / median:.1f}x slower" if slow and system != "dask-ml" else ""
+            n = len(times[system])
+            print(f"  k={k} {system:<18} median of {n} seed{'s' * (n > 1)}: {median:.2f} s, {vs_sk}{vs_dask}")
 
 
 def measure_peak(repeats: int = 10):
@@ -555,6 +567,7 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--dk-algorithms", nargs="+", default=["lloyd", "yinyang"])
     parser.add_argument("--fit-k", type=int, nargs="*", default=[10, 256], help="k values of part 2 (none: skip)")
+    parser.add_argument("--fit-seeds", type=int, default=5, help="random_state 0 .. N-1 for each whole fit of part 2")
     parser.add_argument("--skip-slow", action="store_true", help="skip dask-ml's whole fit at k > 64 (~2 min)")
     parser.add_argument("--mem-k", type=int, default=1024, help="k of the memory check (0: skip)")
     parser.add_argument("--mem-iters", type=int, default=3)
