@@ -87,7 +87,8 @@ def kmeans_parallel(client, data, k, rng):
 
     The recluster is greedy k-means++ on the candidates, then Lloyd on them
     (as Spark and dask-ml do): on MNIST it takes a third or more of the
-    iterations off the fit that follows, for a few milliseconds on the client.
+    iterations off the fit that follows, for less client time than the
+    k-means++ step (10 ms at k=10, 0.2 s at k=256).
     """
     seed = int(rng.integers(2**62))
     first = int(rng.integers(data.n_samples))
