@@ -460,6 +460,7 @@ def weighted_lloyd(points: np.ndarray, weights: np.ndarray, centers: np.ndarray,
     weights = np.asarray(weights, dtype=np.float64)
     centers = np.array(centers, dtype=np.float64)
     p_sq = squared_norms(points)
+    weighted = points * weights[:, None]
     labels = None
     for _ in range(max_iter):
         new = sq_distances(points, centers, p_sq).argmin(axis=1)
@@ -470,6 +471,6 @@ def weighted_lloyd(points: np.ndarray, weights: np.ndarray, centers: np.ndarray,
         order = np.argsort(labels, kind="stable")
         starts = np.searchsorted(labels[order], np.arange(centers.shape[0]))
         held = np.flatnonzero(mass > 0)  # such clusters have points, so their starts increase strictly
-        sums = np.add.reduceat((points * weights[:, None])[order], starts[held], axis=0)
+        sums = np.add.reduceat(weighted[order], starts[held], axis=0)
         centers[held] = sums / mass[held, None]
     return centers
