@@ -21,7 +21,7 @@ the absolute times are noisy (a shared machine). Parts:
    there, and --skip-slow skips it at k > 64).
 3. Roofline: the machine's float32 matrix-product rate and memory read bandwidth on 2 threads, measured
    here, and each system's achieved GFLOP/s counting brute-force work (2 n d k flops per pass).
-4. Dask overhead of dkmeans, from the scheduler's task stream (see dask_overhead()).
+4. Dask overhead of dkmeans: wall time per pass against the busiest worker's compute (see dask_overhead()).
 5. Worker memory of a dkmeans fit at k=--mem-k (1024) on a fresh 2-worker cluster, against the data each
    worker holds and the engine's tile bound.
 
@@ -163,7 +163,12 @@ def fit_daskml(Xd32, init, iters):
 
 
 def fit_dkmeans(client, Xd, init, iters, algorithm):
-    marks = []  # wall-clock end of every pass, for dask_overhead()
+    marks, kernels = [], []  # wall-clock end of every pass, and its compute time where measured (dask_overhead)
+
+    def progress(*_, kernel_seconds=None):
+        marks.append(time.time())
+        kernels.append(kernel_seconds)
+
     kwargs = {} if algorithm is None else {"algorithm": algorithm}
     est = KMeans(
         init.shape[0],
@@ -171,7 +176,7 @@ def fit_dkmeans(client, Xd, init, iters, algorithm):
         max_iter=iters,
         tol=0,
         client=client,
-        callback=lambda *a, **kw: marks.append(time.time()),
+        callback=progress,
         **kwargs,
     )
     began = time.time()
@@ -179,39 +184,45 @@ def fit_dkmeans(client, Xd, init, iters, algorithm):
     est.fit(Xd)
     seconds = time.perf_counter() - start
     ended = time.time()
-    overhead = dask_overhead(client, began, ended, marks)
+    overhead = dask_overhead(client, began, ended, marks, kernels)
     return seconds, est.n_iter_ + 1, est.n_iter_, est.cluster_centers_, est.labels_, est.inertia_, overhead
 
 
-def dask_overhead(client, began: float, ended: float, marks: list) -> dict | None:
-    """How much of each dkmeans pass is not kernel compute, from the scheduler's task stream.
+def dask_overhead(client, began: float, ended: float, marks: list, kernels: list) -> dict | None:
+    """How much of each dkmeans pass is not kernel compute.
 
     Pass p's wall window runs from the end of pass p-1 (the fit's start for p=0) to the moment the
-    fit's callback reports pass p (its update is computed on the client then). Every task whose name
-    starts with "dkmeans-" (assign, reduce, broadcast, ...) belongs to the window its compute began in;
-    kernel time of a pass = max over workers of the summed "compute" durations of that worker's tasks
-    in the window (the busiest worker bounds the pass). Overhead = 1 - kernel / wall: scheduling,
-    transfers, (de)serialisation, the client's update and the idle time of the busiest worker. Pass 0
-    (which also places the data and builds the graph) is left out of the medians.
+    fit's callback reports pass p (its update is computed on the client then). Kernel time of a pass
+    = the busiest worker's compute time in it: as the fit's callback reports it (kernel_seconds) for
+    passes run by chunk hosts, else from the scheduler's task stream: every task whose name starts
+    with "dkmeans-" (assign, reduce, broadcast, ...) belongs to the window its compute began in, and
+    each worker's "compute" durations in the window are summed. Overhead = 1 - kernel / wall:
+    scheduling or actor calls, transfers, (de)serialisation, the client's update and the idle time of
+    the busiest worker. Pass 0 (which also places the data) is left out of the medians.
     """
-    stream = client.get_task_stream(start=began - 1, stop=ended + 1)
-    if not marks or not stream:
+    if not marks:
         return None
     edges = [began] + list(marks)
     n_pass = len(marks)
-    busy = [dict() for _ in range(n_pass)]
-    for task in stream:
-        if not key_split(task["key"]).startswith("dkmeans-"):
-            continue
-        for ss in task.get("startstops", ()):
-            if ss.get("action") != "compute":
-                continue
-            p = int(np.searchsorted(edges, ss["start"], side="right")) - 1
-            if 0 <= p < n_pass:
-                w = task.get("worker", "?")
-                busy[p][w] = busy[p].get(w, 0.0) + (ss["stop"] - ss["start"])
     walls = np.diff(edges)
-    kernel = np.array([max(b.values()) if b else 0.0 for b in busy])
+    if all(k is not None for k in kernels):
+        kernel = np.array(kernels, dtype=float)
+    else:
+        stream = client.get_task_stream(start=began - 1, stop=ended + 1)
+        if not stream:
+            return None
+        busy = [dict() for _ in range(n_pass)]
+        for task in stream:
+            if not key_split(task["key"]).startswith("dkmeans-"):
+                continue
+            for ss in task.get("startstops", ()):
+                if ss.get("action") != "compute":
+                    continue
+                p = int(np.searchsorted(edges, ss["start"], side="right")) - 1
+                if 0 <= p < n_pass:
+                    w = task.get("worker", "?")
+                    busy[p][w] = busy[p].get(w, 0.0) + (ss["stop"] - ss["start"])
+        kernel = np.array([max(b.values()) if b else 0.0 for b in busy])
     later = slice(1, None) if n_pass > 1 else slice(None)
     return {
         "wall": float(np.median(walls[later])),
@@ -428,10 +439,11 @@ def part_overhead(results):
     rows = [r for r in results if r.overhead]
     if not rows:
         return
-    print("\nDask overhead of dkmeans, from the scheduler's task stream (last fit of each run)")
+    print("\nDask overhead of dkmeans (last fit of each run)")
     print("  per pass (median over passes 1..n): wall = time between the ends of consecutive passes;")
-    print("  kernel = busiest worker's summed compute time of dkmeans-* tasks that began in that pass;")
-    print("  overhead = 1 - kernel / wall (scheduling, transfers, serialisation, the client's update, idling)")
+    print("  kernel = busiest worker's compute time in that pass (chunk hosts report it; for passes of tasks,")
+    print("  the summed compute time of the dkmeans-* tasks that began in it, from the scheduler's task stream);")
+    print("  overhead = 1 - kernel / wall (actor calls or scheduling, transfers, serialisation, the client's update)")
     print(f"{'system':<22} {'k':>5} {'wall s':>8} {'kernel s':>9} {'overhead':>9} {'whole fit: 1-kernel/wall':>25}")
     for r in rows:
         o = r.overhead

@@ -26,7 +26,7 @@ from dask import delayed
 from dask._task_spec import Alias, DataNode, Task
 from dask.core import flatten
 from dask.sizeof import sizeof
-from distributed import Client, Future, futures_of, get_worker
+from distributed import Client, Future, futures_of, get_worker, wait
 
 from . import allocator, disk_state, kernels, screening, worker_state
 
@@ -34,6 +34,8 @@ from . import allocator, disk_state, kernels, screening, worker_state
 SPLIT_EVERY = 8
 # Centres larger than this (times the chunks) go to the workers once, as a task, not inside every task.
 BROADCAST_BYTES = 1 << 20
+# Most bytes of centres and partial sums the client may send and receive a pass for chunk hosts to run it.
+HOSTS_MAX_BYTES = 16 << 20
 # Stored bytes of streamed chunks one task reads and processes (see map_chunk_futures).
 STREAM_GROUP_BYTES = 32 << 20
 # Workers with a smaller memory limit run the numpy kernels: numba's runtime and the compiled kernels take
@@ -309,6 +311,7 @@ class Iteration:
     loss: float  # J_clust (mean squared distance) of this pass
     shift: float  # largest centre movement of the update it computed
     seconds: float  # wall time of the pass (shared by all models in it)
+    kernel_seconds: float | None  # the busiest worker's compute time in it, when the pass ran on chunk hosts
     centers: np.ndarray  # the updated centres
     continues: bool  # the fit goes on from them (a resumable state); False on its last pass
     loss_history: list  # J_clust of every pass so far, this one included
@@ -389,12 +392,23 @@ def lloyd_many(
     ]
     fit = _tag("fit")
     held: list = []  # the last pass's gathered futures, released after the next pass is submitted
+    hosts = ChunkHosts.open(client, data, sum(r.centers.shape[0] for r in runs))
     try:
         while active := [(i, r) for i, r in enumerate(runs) if r.result is None]:
             began = time.perf_counter()
             ids = tuple(i for i, _ in active)
-            stats = lloyd_pass(client, data, [r.centers for _, r in active], ids, fit, bounds=bounds, held=held)
-            far_rows = _relocation_rows(client, data, stats, [r.centers for _, r in active], ids, fit)
+            centers_now = [r.centers for _, r in active]
+            kernel = None
+            if hosts is not None:
+                try:
+                    stats, kernel = hosts.lloyd_pass(centers_now, ids, fit, bounds=bounds)
+                except Exception as exc:  # a worker lost (or its actor): tasks recover, hosts cannot
+                    log.warning("chunk hosts failed (%s); the fit goes on with one task per chunk", exc)
+                    hosts.close()
+                    hosts = kernel = None
+            if hosts is None:
+                stats = lloyd_pass(client, data, centers_now, ids, fit, bounds=bounds, held=held)
+            far_rows = _relocation_rows(client, data, stats, centers_now, ids, fit)
             seconds = time.perf_counter() - began
             finished = []
             for (index, run), st, rows in zip(active, stats, far_rows):
@@ -409,7 +423,9 @@ def lloyd_many(
                     done_iter = run.n_iter
                 if callback is not None:
                     loss, goes_on = run.losses[-1], done_iter is None
-                    callback(Iteration(index, run.n_iter, loss, shift, seconds, new_centers, goes_on, run.losses))
+                    callback(
+                        Iteration(index, run.n_iter, loss, shift, seconds, kernel, new_centers, goes_on, run.losses)
+                    )
                 if done_iter is None:
                     run.centers = new_centers
                     run.n_iter += 1
@@ -422,6 +438,8 @@ def lloyd_many(
                 run.result.labels = _final_labels(client, data, run.centers, fit, index)
     finally:
         held.clear()
+        if hosts is not None:
+            hosts.close()
         _forget(client, fit)
     return [r.result for r in runs]
 
@@ -487,21 +505,144 @@ def lloyd_pass(
     the client's batched stream, which then holds the next message for its
     interval (10 ms): released between passes, they delayed every next pass.
     """
-    sizes = tuple(c.shape[0] for c in centers)
-    n_far = sizes if far else (0,) * len(sizes)
     stacked = np.concatenate(centers)
     if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
         stacked = broadcast(client, stacked)
     # Streamed data is too large for its bounds to stay in the workers' memory: they go to local disk, filed
     # under a digest of their centres (computed here once, not for every chunk).
     digests = None if data.persisted else tuple(screening.centres_digest(c) for c in centers)
-    combine = partial(kernels.combine_stats_many, n_far=n_far)
-    args = (stacked, sizes, n_far, ids, fit, bounds, digests)
+    args, combine = _pass_args(stacked, centers, ids, fit, far, bounds, digests)
     parts = map_chunk_futures(client, data, _lloyd_task, *args, name="assign", combine=combine)
     if held is not None:
         held.clear()
         held.append(stacked)
     return reduce_futures(client, parts, combine, name="reduce", held=held)
+
+
+def _pass_args(stacked, centers: list, ids: tuple, fit: str, far: bool, bounds: bool, digests) -> tuple:
+    """_lloyd_task's arguments after the chunk, and the combine of its partials."""
+    sizes = tuple(c.shape[0] for c in centers)
+    n_far = sizes if far else (0,) * len(sizes)
+    return (stacked, sizes, n_far, ids, fit, bounds, digests), partial(kernels.combine_stats_many, n_far=n_far)
+
+
+class ChunkHosts:
+    """One Dask actor per worker over the persisted chunks it holds: a pass is one direct call to each.
+
+    Through the scheduler, a pass of no-op tasks takes about 15 ms on a
+    2-worker LocalCluster (submit, schedule, report, gather), as long as the
+    kernels themselves at k=10; a direct call to an actor takes about 5 ms.
+    The actors hold the very arrays persisted on their workers and run the
+    same _lloyd_task, so the results are identical. An actor dies with its
+    worker, where a task is recomputed elsewhere: the fit then goes on with
+    tasks. Dask config ``dkmeans.chunk-hosts: false`` keeps every pass in
+    tasks (visible in the dashboard's task stream).
+    """
+
+    def __init__(self, client: Client, actors: list, futures: list):
+        self.client = client
+        self.actors = actors
+        self._futures = futures  # the actors live as long as these
+
+    @classmethod
+    def open(cls, client: Client, data: ChunkedData, n_centres: int) -> ChunkHosts | None:
+        """Hosts for data persisted as futures, one per worker, for passes over ``n_centres`` centres in all;
+        None when the data is not persisted, or when the client would move more than HOSTS_MAX_BYTES a pass."""
+        if not hosts_enabled() or not data.persisted:
+            return None
+        if not data.blocks or not all(isinstance(b, Future) for b in data.blocks):
+            return None
+        nthreads = client.nthreads()
+        # The client sends the centres to every host and gets every chunk's partial sums back (no tree of
+        # reductions on the workers, no worker-to-worker broadcast): fine for a few workers, not for a hundred.
+        if (len(nthreads) + data.n_chunks) * n_centres * data.n_features * 8 > HOSTS_MAX_BYTES:
+            return None
+        wait(data.blocks)
+        by_worker = _share_chunks(client.who_has(data.blocks), [b.key for b in data.blocks], nthreads)
+        tag = _tag("host")
+        futures = [
+            client.submit(
+                _ChunkHost,
+                indices,
+                [data.offsets[i] for i in indices],
+                nthreads[worker],
+                *[data.blocks[i] for i in indices],
+                actor=True,
+                workers=[worker],
+                allow_other_workers=False,
+                key=(tag, n),
+            )
+            for n, (worker, indices) in enumerate(by_worker.items())
+            if indices
+        ]
+        return cls(client, client.gather(futures), futures)
+
+    def lloyd_pass(self, centers: list, ids: tuple, fit: str, *, bounds=True) -> tuple[list, float]:
+        """lloyd_pass on the hosts: each model's stats, and the busiest host's compute seconds."""
+        if self.client.status != "running":  # the hosts outlive the scheduler; the fit must not
+            raise OSError(f"the client is {self.client.status}, not connected to the scheduler")
+        args, combine = _pass_args(np.concatenate(centers), centers, ids, fit, False, bounds, None)
+        calls = [actor.run(_lloyd_task, args) for actor in self.actors]
+        done = [call.result() for call in calls]
+        # Every chunk's partial, added up as reduce_futures would: the same sums to the last bit, wherever
+        # the chunks were (float rows give order-dependent sums).
+        parts = sorted((part for parts, _ in done for part in parts), key=lambda part: part[0])
+        return combine_like_reduce([part for _, part in parts], combine), max(seconds for _, seconds in done)
+
+    def close(self) -> None:
+        """Release the actors (no round trip: this also runs when the scheduler is gone)."""
+        self.actors = []
+        self._futures = []
+
+
+def hosts_enabled() -> bool:
+    """Dask config ``dkmeans.chunk-hosts`` (env DASK_DKMEANS__CHUNK_HOSTS), true unless set to a false value."""
+    value = dask.config.get("dkmeans.chunk-hosts", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return bool(value)
+
+
+def _share_chunks(who_has: dict, keys: list, nthreads: dict) -> dict:
+    """Chunk indices for each worker, in proportion to its threads, leaving as many chunks as possible where
+    they are (a chunk given to another worker is copied there once, when its host starts)."""
+    total = sum(nthreads.values())
+    quota = {w: math.ceil(len(keys) * n / total) for w, n in nthreads.items()}
+    shares: dict = {w: [] for w in nthreads}
+    moved = []
+    for index, key in enumerate(keys):
+        holder = next((w for w in who_has.get(key, ()) if w in shares and len(shares[w]) < quota[w]), None)
+        if holder is None:
+            moved.append(index)
+        else:
+            shares[holder].append(index)
+    for index in moved:
+        shares[min(shares, key=lambda w: len(shares[w]) / nthreads[w])].append(index)
+    return shares
+
+
+class _ChunkHost:
+    """The actor: a worker's persisted chunks, and a pass over them on as many threads as the worker has.
+
+    (Dask runs an actor's methods on one thread of their own; the kernels release the GIL.)
+    """
+
+    def __init__(self, indices, offsets, nthreads, *blocks):
+        self.chunks = list(zip(indices, offsets, blocks))
+        threads = min(nthreads, len(self.chunks))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dkmeans-host") if threads > 1 else None
+
+    def run(self, func, args):
+        """[(chunk index, func's partial)] for every chunk here, and the seconds they took."""
+        _prepare_worker()
+        began = time.perf_counter()
+        calls = [partial(func, block, *args, offset=offset, index=index) for index, offset, block in self.chunks]
+        parts = [call() for call in calls] if self.pool is None else list(self.pool.map(lambda call: call(), calls))
+        return [(index, part) for (index, _, _), part in zip(self.chunks, parts)], time.perf_counter() - began
+
+    def __del__(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 
 
 def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offset, index):
@@ -656,6 +797,13 @@ def _loaded(func, loaders, inputs, *args, offsets, indices, combine):
             parts.append(func(block, *args, offset=offset, index=index))
             del block
     return parts[0] if combine is None else combine(parts)
+
+
+def combine_like_reduce(parts: list, combine):
+    """reduce_futures on the client: the same groups, in the same order."""
+    while len(parts) > SPLIT_EVERY:
+        parts = [combine(parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
+    return combine(parts)
 
 
 def reduce_futures(client: Client, parts: list[Future], combine, *args, name: str, held: list | None = None):

@@ -28,7 +28,9 @@ class KMeans:
     ``distributed.Client``; by default the current one is used, or a temporary
     in-process cluster when there is none. ``callback(iteration, j_clust,
     shift, seconds)`` is called after every iteration (with a ``restart=``
-    keyword too, if it takes one: n_init restarts run side by side).
+    keyword too, if it takes one: n_init restarts run side by side; and
+    ``kernel_seconds=``, the busiest worker's compute time in the pass, where
+    the engine measured it: None for passes run as tasks).
 
     ``algorithm`` is ``"yinyang"`` (also ``"auto"``, the default): each
     chunk's Yinyang bounds stay on its worker between iterations, and rows
@@ -335,20 +337,19 @@ def _forward_progress(models, owners):
 
     A callback that takes a ``restart`` keyword also learns which of the
     model's n_init restarts (0, 1, ...) the report is about: they run together.
+    One that takes ``kernel_seconds`` learns the pass's compute time.
     """
     if all(model.callback is None for model in models):
         return None
     restart = [owners[:i].count(owner) for i, owner in enumerate(owners)]
-    wants_restart = {id(m.callback): "restart" in _parameters(m.callback) for m in models if m.callback is not None}
+    wants = {id(m.callback): _parameters(m.callback) for m in models if m.callback is not None}
 
     def forward(it):
         callback = models[owners[it.model]].callback
         if callback is None:
             return
-        if wants_restart[id(callback)]:
-            callback(it.n_iter, it.loss, it.shift, it.seconds, restart=restart[it.model])
-        else:
-            callback(it.n_iter, it.loss, it.shift, it.seconds)
+        extra = {"restart": restart[it.model], "kernel_seconds": it.kernel_seconds}
+        callback(it.n_iter, it.loss, it.shift, it.seconds, **{k: v for k, v in extra.items() if k in wants[id(callback)]})
 
     return forward
 

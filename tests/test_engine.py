@@ -88,6 +88,8 @@ def test_centres_are_broadcast_once_per_pass_not_embedded(counted, threads_clien
 
     monkeypatch.setattr(threads_client, "submit", submit)
     monkeypatch.setattr(threads_client, "compute", compute)
+    # Passes as tasks (chunk hosts get the centres in their calls; tests/test_chunk_hosts.py)
+    monkeypatch.setitem(dask.config.config, "dkmeans", {"chunk-hosts": False})
     # 64 x 784 float64 centres are 401 kB: above this, they must not ride inside each chunk's task
     monkeypatch.setattr(engine, "BROADCAST_BYTES", 300_000)
     k = 64

@@ -4,6 +4,7 @@ a worker SIGKILLed mid-fit (its nanny restarts it) and the scheduler going away 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -91,8 +92,8 @@ def real_cluster(tmp_path):
         cluster.stop()
 
 
-def test_worker_killed_mid_fit_gives_the_undisturbed_result(real_cluster, mnist):
-    """Full MNIST; one worker is SIGKILLed during pass 4, its nanny starts a new one, the fit goes on."""
+def test_worker_killed_mid_fit_gives_the_undisturbed_result(real_cluster, mnist, caplog):
+    """Full MNIST; one worker is SIGKILLed mid-fit, its nanny starts a new one, the fit goes on (in tasks)."""
     X = mnist.train_images
     params = dict(n_clusters=10, init="k-means||", max_iter=12, tol=0, random_state=11)
     with Client(real_cluster.address, timeout=30) as client:
@@ -106,11 +107,15 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_result(real_cluster, mnist)
 
         def kill_during_next_pass(iteration, *_):
             if iteration == 3:
-                # 50 ms into pass 4, while its chunk tasks run
+                # 50 ms into the passes after pass 3, while a chunk host computes
                 threading.Timer(0.05, lambda: (os.kill(victim, signal.SIGKILL), killed.set())).start()
 
-        disturbed = KMeans(client=client, callback=kill_during_next_pass, **params).fit(X)
+        with caplog.at_level(logging.WARNING, logger="dkmeans.engine"):
+            disturbed = KMeans(client=client, callback=kill_during_next_pass, **params).fit(X)
         assert killed.is_set()
+        # The pass the kill interrupted failed on its chunk host; the fit went on in tasks, which the
+        # scheduler recomputed (with the lost chunks) on the workers left.
+        assert "chunk hosts failed" in caplog.text, caplog.text
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)
         client.wait_for_workers(2, timeout=60)

@@ -1,0 +1,72 @@
+"""Chunk hosts: Lloyd passes as direct calls to one Dask actor per worker, against the same passes as tasks."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed.utils import key_split
+
+from dkmeans import engine
+
+
+def _fit(client, data, init, hosted: bool, bounds: bool, max_iter=12):
+    reports = []
+    started = time.time()
+    with dask.config.set({"dkmeans.chunk-hosts": hosted}):
+        result = engine.lloyd(client, data, init, max_iter, 0.0, callback=reports.append, bounds=bounds)
+    names = {key_split(t["key"]) for t in client.get_task_stream(start=started)}
+    return result, reports, names
+
+
+@pytest.mark.parametrize("bounds", [True, False], ids=["yinyang", "lloyd"])
+def test_hosted_passes_equal_passes_of_tasks_to_the_last_bit(client, mnist_numpy, bounds):
+    X = mnist_numpy[0][:24000] / 255.0  # float rows: their sums depend on the order partials are added in
+    data = engine.chunk_data(client, X, chunk_rows=2400)  # 10 chunks: more than SPLIT_EVERY, a two-level sum
+    init = X[np.random.default_rng(3).choice(X.shape[0], 15, replace=False)]
+    client.get_task_stream()  # start recording
+    with dask.config.set({"dkmeans.chunk-hosts": True}):
+        assert len(engine.ChunkHosts.open(client, data, 15).actors) == 2  # one per worker
+        # (2 workers + 10 chunks) x 15 centres x 784 x 8 bytes: 1.1 MB a pass through the client; past the
+        # limit, a fit runs in tasks (a large cluster's tree of reductions and broadcast spare the client).
+        assert engine.ChunkHosts.open(client, data, engine.HOSTS_MAX_BYTES // (12 * 784 * 8) + 1) is None
+
+    hosted, hosted_reports, hosted_names = _fit(client, data, init, True, bounds)
+    tasks, task_reports, task_names = _fit(client, data, init, False, bounds)
+
+    np.testing.assert_array_equal(hosted.centers, tasks.centers)
+    np.testing.assert_array_equal(hosted.labels, tasks.labels)
+    assert hosted.inertia == tasks.inertia
+    assert hosted.loss_history == tasks.loss_history
+    assert hosted.n_iter == tasks.n_iter == 12
+    # Which way the passes went: hosts measure their compute time and leave no assign tasks.
+    assert all(r.kernel_seconds is not None and r.kernel_seconds > 0 for r in hosted_reports)
+    assert all(r.kernel_seconds is None for r in task_reports)
+    assert "dkmeans-assign" not in hosted_names, hosted_names
+    assert "dkmeans-assign" in task_names and "dkmeans-host" not in task_names, task_names
+
+
+def test_chunks_are_shared_by_threads_and_moved_only_when_a_worker_has_too_many():
+    keys = ["a", "b", "c", "d", "e", "f"]
+    # All on one worker: half of them go to the other.
+    shares = engine._share_chunks({k: ["w1"] for k in keys}, keys, {"w1": 1, "w2": 1})
+    assert shares == {"w1": [0, 1, 2], "w2": [3, 4, 5]}
+    # Already balanced: nothing moves, whichever worker holds which.
+    who_has = {"a": ["w2"], "b": ["w1"], "c": ["w2"], "d": ["w1"], "e": ["w1"], "f": ["w2"]}
+    assert engine._share_chunks(who_has, keys, {"w1": 1, "w2": 1}) == {"w1": [1, 3, 4], "w2": [0, 2, 5]}
+    # In proportion to threads: a 2-thread worker takes twice the chunks.
+    shares = engine._share_chunks({k: ["w1"] for k in keys}, keys, {"w1": 1, "w2": 2})
+    assert shares == {"w1": [0, 1], "w2": [2, 3, 4, 5]}
+    # A chunk with a replica on a worker that still has room stays there.
+    shares = engine._share_chunks({"a": ["w1"], "b": ["w1", "w2"]}, ["a", "b"], {"w1": 1, "w2": 1})
+    assert shares == {"w1": [0], "w2": [1]}
+
+
+@pytest.mark.parametrize(
+    "value, enabled", [(True, True), (False, False), ("false", False), ("False", False), ("off", False), ("1", True)]
+)
+def test_chunk_hosts_config_reads_like_dask_config(value, enabled):
+    with dask.config.set({"dkmeans.chunk-hosts": value}):
+        assert engine.hosts_enabled() is enabled
