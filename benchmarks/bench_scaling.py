@@ -17,6 +17,11 @@ one pass costs. Loading and persisting the data, the init and the final labels c
               dkmeans-broadcast task; its result is then fetched worker to worker, counted under get_data)
 Graph messages (client -> scheduler -> workers) are not counted: a few hundred bytes per task.
 
+Those counts are of passes as tasks (Dask config dkmeans.chunk-hosts off), what a large cluster runs. On a
+few workers the engine runs the passes on chunk hosts instead (one actor per worker, called directly by the
+client: the centres go to each host, every chunk's partial sums come back, no tasks); the strong-scaling
+table also gives the seconds per pass that way, from a third fit of --iters iterations.
+
     DKMEANS_DATA_DIR=../shared/data/mnist python benchmarks/bench_scaling.py
     python benchmarks/bench_scaling.py --k 10 --iters 4 --workers 1 2 --weak-k 10   # a quick check
 """
@@ -28,6 +33,7 @@ import os
 import warnings
 from collections import Counter
 
+import dask
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
@@ -56,11 +62,11 @@ def _totals(client):
     return by_name, messages
 
 
-def measure_fit(client, X, init, iters, chunk_rows=None) -> dict:
+def measure_fit(client, X, init, iters, chunk_rows=None, hosts=False) -> dict:
     """One fit: median seconds per pass, tasks run and bytes served, by name."""
     seconds = []
     served_before, messages_before = _totals(client)
-    with get_task_stream(client) as stream:
+    with get_task_stream(client) as stream, dask.config.set({"dkmeans.chunk-hosts": hosts}):
         model = KMeans(
             init.shape[0],
             init=init,
@@ -93,8 +99,11 @@ def per_pass(client, X, init, iters, chunk_rows=None) -> dict:
         return {name: (a[name] - b[name]) / passes for name in set(a) | set(b) if a[name] != b[name]}
 
     served = diff(long["served"], short["served"])
+    hosted = measure_fit(client, X, init, iters, chunk_rows, hosts=True)
+    assert hosted["inertia"] == long["inertia"], (hosted["inertia"], long["inertia"])
     return {
         "seconds": long["seconds"],
+        "hosted": hosted["seconds"],
         "tasks": diff(long["tasks"], short["tasks"]),
         "partials": sum(
             v for name, v in served.items() if name == "getitem" or (name.startswith("dkmeans-") and name != BROADCAST)
@@ -153,6 +162,7 @@ def main() -> None:
     print(
         f"{'k':>4} {'workers':>7} {'s/iter':>8} {'speed-up':>8} {'effic.':>7} {'centres sent MB':>15} "
         f"{'partials MB':>11} {'centre copies MB':>16} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
+        "  | chunk hosts: s/iter, speed-up"
     )
     results = {}
     for workers in args.workers:
@@ -162,12 +172,14 @@ def main() -> None:
                 results[k, workers] = per_pass(client, X_lazy, fixed_init(X, k), args.iters)
     for k in args.k:
         base = results[k, args.workers[0]]["seconds"] * args.workers[0]
+        base_hosted = results[k, args.workers[0]]["hosted"] * args.workers[0]
         for workers in args.workers:
             r = results[k, workers]
             speedup = base / r["seconds"]
             print(
                 f"{k:>4} {workers:>7} {r['seconds']:>8.3f} {speedup:>7.2f}x {speedup / workers:>7.2f} "
                 f"{k * d * 8 / 1e6:>15.3f} {traffic(r)}  {fmt_tasks(r['tasks'])}"
+                f"  | {r['hosted']:.3f} {base_hosted / r['hosted']:.2f}x"
             )
         inertias = [results[k, w]["inertia"] for w in args.workers]
         assert max(inertias) - min(inertias) <= 1e-9 * max(inertias), f"k={k}: results differ across workers"
@@ -178,19 +190,20 @@ def main() -> None:
     print(
         f"{'k':>4} {'workers':>7} {'rows':>7} {'s/iter':>8} {'effic.':>7} "
         f"{'partials MB':>11} {'centre copies MB':>16} {'chunks MB':>9} {'msgs':>5}  tasks per pass"
+        "  | chunk hosts: s/iter, effic."
     )
     for k in args.weak_k:
-        base = None
+        base = base_hosted = None
         for workers in args.workers:
             # A named Dask array (not numpy, whose scattered chunks share the centres' "ndarray" name).
             data = da.from_array(shifted_copies(X, workers), chunks=(args.chunk_rows, d), name=f"weak-{workers}")
             with cluster(workers) as cl, Client(cl) as client:
                 client.wait_for_workers(workers)
                 r = per_pass(client, data, fixed_init(X, k), args.iters, args.chunk_rows)
-            base = base or r["seconds"]
+            base, base_hosted = base or r["seconds"], base_hosted or r["hosted"]
             print(
                 f"{k:>4} {workers:>7} {data.shape[0]:>7} {r['seconds']:>8.3f} {base / r['seconds']:>7.2f} "
-                f"{traffic(r)}  {fmt_tasks(r['tasks'])}"
+                f"{traffic(r)}  {fmt_tasks(r['tasks'])}  | {r['hosted']:.3f} {base_hosted / r['hosted']:.2f}"
             )
 
 

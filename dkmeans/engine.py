@@ -1,11 +1,13 @@
 """Dask orchestration: map the numpy kernels over row chunks and reduce their partials.
 
 Each Lloyd iteration is one pass over the data, shared by every model still
-running (a sweep over k, or restarts): one task per chunk (per few chunks,
-for streamed data) gets every model's centres, leaves each model's labels
-and bounds in its worker's memory (worker_state; streamed data: on local
-disk, disk_state) and returns partial sums, which the client adds up (a tree
-of reduce tasks first, when there are many chunks) and turns into new centres.
+running (a sweep over k, or restarts): each chunk's step gets every model's
+centres, leaves each model's labels and bounds in its worker's memory
+(worker_state; streamed data: on local disk, disk_state) and returns partial
+sums, which the client adds up and turns into new centres. Data in worker
+memory is passed over by chunk hosts (one actor per worker, called directly);
+streamed data, and any pass the hosts cannot take, by one task per chunk (per
+few chunks, streamed), with a tree of reduce tasks when there are many.
 """
 
 from __future__ import annotations

@@ -349,7 +349,8 @@ def _forward_progress(models, owners):
         if callback is None:
             return
         extra = {"restart": restart[it.model], "kernel_seconds": it.kernel_seconds}
-        callback(it.n_iter, it.loss, it.shift, it.seconds, **{k: v for k, v in extra.items() if k in wants[id(callback)]})
+        wanted = {name: value for name, value in extra.items() if name in wants[id(callback)]}
+        callback(it.n_iter, it.loss, it.shift, it.seconds, **wanted)
 
     return forward
 

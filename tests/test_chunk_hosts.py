@@ -70,3 +70,18 @@ def test_chunks_are_shared_by_threads_and_moved_only_when_a_worker_has_too_many(
 def test_chunk_hosts_config_reads_like_dask_config(value, enabled):
     with dask.config.set({"dkmeans.chunk-hosts": value}):
         assert engine.hosts_enabled() is enabled
+
+
+def test_a_callback_that_asks_learns_each_pass_compute_time(client, mnist_numpy):
+    from dkmeans import KMeans
+
+    seen = []
+
+    def progress(iteration, j_clust, shift, seconds, kernel_seconds):
+        seen.append((seconds, kernel_seconds))
+
+    KMeans(5, init="sample", random_state=0, max_iter=3, tol=0, client=client, callback=progress).fit(
+        mnist_numpy[0][:6000]
+    )
+    assert len(seen) == 4
+    assert all(0 < kernel <= seconds for seconds, kernel in seen), seen  # the hosts' compute, within the pass
