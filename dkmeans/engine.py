@@ -437,7 +437,7 @@ def lloyd_many(
                     run.result = LloydResult(run.centers, None, inertia, done_iter, run.losses)
                     finished.append((index, run))
             for index, run in finished:
-                run.result.labels = _final_labels(client, data, run.centers, fit, index)
+                run.result.labels = _final_labels(client, data, run.centers, fit, index, hosts)
     finally:
         held.clear()
         if hosts is not None:
@@ -642,6 +642,9 @@ class _ChunkHost:
         parts = [call() for call in calls] if self.pool is None else list(self.pool.map(lambda call: call(), calls))
         return [(index, part) for (index, _, _), part in zip(self.chunks, parts)], time.perf_counter() - began
 
+    def held_labels(self, fit, model, digest) -> dict:
+        return _held_labels(fit, model, digest)
+
     def __del__(self):
         if self.pool is not None:
             self.pool.shutdown(wait=False)
@@ -692,23 +695,32 @@ def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=
     return client.gather(client.compute(parts))
 
 
-def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: int):
+def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: int, hosts=None):
     """A finished model's labels: those its last pass left on the workers, without reading the data again.
 
-    One task per worker (named dkmeans-labels on the dashboard) returns the
-    labels it holds for these centres; the chunks whose labels are nowhere
-    (evicted, or a worker lost since) are labelled again from the data.
+    The chunk hosts, or else one task per worker (named dkmeans-labels on the
+    dashboard), return the labels their workers hold for these centres; the
+    chunks whose labels are nowhere (evicted, or a worker lost since) are
+    labelled again from the data.
     """
     tag = _tag("labels")
     digest = screening.centres_digest(centers)
     found = {}
-    workers = list(client.scheduler_info()["workers"])
-    tasks = [
-        client.submit(_held_labels, fit, model, digest, key=(tag, "held", i), workers=[w], allow_other_workers=True)
-        for i, w in enumerate(workers)
-    ]
-    for labels_by_chunk in client.gather(tasks):
-        found.update(labels_by_chunk)
+    try:
+        asked = [actor.held_labels(fit, model, digest) for actor in hosts.actors] if hosts is not None else []
+        for call in asked:
+            found.update(call.result())
+    except Exception as exc:  # a host lost since the last pass: the tasks below find what is left
+        log.debug("chunk hosts could not give their labels: %s", exc)
+        found = {}
+    if not found:
+        workers = list(client.scheduler_info()["workers"])
+        tasks = [
+            client.submit(_held_labels, fit, model, digest, key=(tag, "held", i), workers=[w], allow_other_workers=True)
+            for i, w in enumerate(workers)
+        ]
+        for labels_by_chunk in client.gather(tasks):
+            found.update(labels_by_chunk)
     missing = [i for i in range(data.n_chunks) if i not in found]
     if missing:
         found.update(zip(missing, chunk_labels(client, data, centers, missing)))

@@ -282,9 +282,9 @@ def test_dashboard_answers_and_task_names_are_readable(remote_cli_fit, tcp_clust
     # The task stream (what the dashboard draws) names each task by key_split of its key.
     stream = client.get_task_stream(start=started)
     names = {key_split(record["key"]) for record in stream}
-    # The passes run on chunk hosts (one dkmeans-host actor per worker, called directly: not tasks; see
-    # test_chunk_hosts for the tasks they replace), then the labels are collected by dkmeans-labels tasks.
-    assert {"dkmeans-host", "dkmeans-labels"} <= names, names
+    # The passes and the final labels go through chunk hosts (one dkmeans-host actor per worker, called
+    # directly: not tasks; test_chunk_hosts checks the tasks they replace); the sample init reads its rows.
+    assert {"dkmeans-host", "dkmeans-take"} <= names, names
     assert not any(re.search(r"[0-9a-f]{12}", name) for name in names), names
 
     def scheduler_records(dask_scheduler):
@@ -294,10 +294,10 @@ def test_dashboard_answers_and_task_names_are_readable(remote_cli_fit, tcp_clust
         ]
 
     prefixes, fit_spans = client.run_on_scheduler(scheduler_records)
-    assert {"dkmeans-host", "dkmeans-labels"} <= set(prefixes), prefixes
+    assert {"dkmeans-host", "dkmeans-take"} <= set(prefixes), prefixes
     # The CLI's fit is one named span holding its tasks.
     assert len(fit_spans) == 1, fit_spans
-    assert {"dkmeans-host", "dkmeans-labels"} <= set(fit_spans[0][1]), fit_spans
+    assert {"dkmeans-host", "dkmeans-take"} <= set(fit_spans[0][1]), fit_spans
 
 
 # --- workers in their own network namespaces, reading the store through an fsspec URL ---------
