@@ -18,7 +18,7 @@ one pass costs. Loading and persisting the data, the init and the final labels c
 Graph messages (client -> scheduler -> workers) are not counted: a few hundred bytes per task.
 
 Those counts are of passes as tasks (Dask config dkmeans.chunk-hosts off), what a large cluster runs. On a
-few workers the engine runs the passes on chunk hosts instead (one actor per worker, called directly by the
+few workers the engine runs the passes on chunk hosts instead (one actor per worker, its method called by the
 client: the centres go to each host, every chunk's partial sums come back, no tasks); the strong-scaling
 table also gives the seconds per pass that way, from a third fit of --iters iterations.
 

@@ -5,7 +5,7 @@ running (a sweep over k, or restarts): each chunk's step gets every model's
 centres, leaves each model's labels and bounds in its worker's memory
 (worker_state; streamed data: on local disk, disk_state) and returns partial
 sums, which the client adds up and turns into new centres. Data in worker
-memory is passed over by chunk hosts (one actor per worker, called directly);
+memory is passed over by chunk hosts (one actor per worker, its method called);
 streamed data, and any pass the hosts cannot take, by one task per chunk (per
 few chunks, streamed), with a tree of reduce tasks when there are many.
 """
@@ -529,11 +529,12 @@ def _pass_args(stacked, centers: list, ids: tuple, fit: str, far: bool, bounds: 
 
 
 class ChunkHosts:
-    """One Dask actor per worker over the persisted chunks it holds: a pass is one direct call to each.
+    """One Dask actor per worker over the persisted chunks it holds: a pass is one method call to each.
 
-    Through the scheduler, a pass of no-op tasks takes about 15 ms on a
-    2-worker LocalCluster (submit, schedule, report, gather), as long as the
-    kernels themselves at k=10; a direct call to an actor takes about 5 ms.
+    A pass of no-op tasks takes about 15 ms on a 2-worker LocalCluster
+    (submit, schedule, report, gather), as long as the kernels themselves at
+    k=10; a call to an actor's method (relayed by the scheduler, not
+    scheduled) takes about 5 ms.
     The actors hold the very arrays persisted on their workers and run the
     same _lloyd_task, so the results are identical. An actor dies with its
     worker, where a task is recomputed elsewhere: the fit then goes on with
@@ -559,29 +560,31 @@ class ChunkHosts:
         # reductions on the workers, no worker-to-worker broadcast): fine for a few workers, not for a hundred.
         if (len(nthreads) + data.n_chunks) * n_centres * data.n_features * 8 > HOSTS_MAX_BYTES:
             return None
-        wait(data.blocks)
-        by_worker = _share_chunks(client.who_has(data.blocks), [b.key for b in data.blocks], nthreads)
-        tag = _tag("host")
-        futures = [
-            client.submit(
-                _ChunkHost,
-                indices,
-                [data.offsets[i] for i in indices],
-                nthreads[worker],
-                *[data.blocks[i] for i in indices],
-                actor=True,
-                workers=[worker],
-                allow_other_workers=False,
-                key=(tag, n),
-            )
-            for n, (worker, indices) in enumerate(by_worker.items())
-            if indices
-        ]
-        return cls(client, client.gather(futures), futures)
+        # wait() and the actor proxies use the current client, which need not be the default one
+        with client.as_current():
+            wait(data.blocks)
+            by_worker = _share_chunks(client.who_has(data.blocks), [b.key for b in data.blocks], nthreads)
+            tag = _tag("host")
+            futures = [
+                client.submit(
+                    _ChunkHost,
+                    indices,
+                    [data.offsets[i] for i in indices],
+                    nthreads[worker],
+                    *[data.blocks[i] for i in indices],
+                    actor=True,
+                    workers=[worker],
+                    allow_other_workers=False,
+                    key=(tag, n),
+                )
+                for n, (worker, indices) in enumerate(by_worker.items())
+                if indices
+            ]
+            return cls(client, client.gather(futures), futures)
 
     def lloyd_pass(self, centers: list, ids: tuple, fit: str, *, bounds=True) -> tuple[list, float]:
         """lloyd_pass on the hosts: each model's stats, and the busiest host's compute seconds."""
-        if self.client.status != "running":  # the hosts outlive the scheduler; the fit must not
+        if self.client.status != "running":  # called straight (direct_to_workers), hosts outlive the scheduler
             raise OSError(f"the client is {self.client.status}, not connected to the scheduler")
         args, combine = _pass_args(np.concatenate(centers), centers, ids, fit, False, bounds, None)
         calls = [actor.run(_lloyd_task, args) for actor in self.actors]

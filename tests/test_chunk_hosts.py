@@ -1,4 +1,4 @@
-"""Chunk hosts: Lloyd passes as direct calls to one Dask actor per worker, against the same passes as tasks."""
+"""Chunk hosts: Lloyd passes as method calls to one Dask actor per worker, against the same passes as tasks."""
 
 from __future__ import annotations
 
@@ -86,3 +86,28 @@ def test_a_callback_that_asks_learns_each_pass_compute_time(client, mnist_numpy)
     )
     assert len(seen) == 4
     assert all(0 < kernel <= seconds for seconds, kernel in seen), seen  # the hosts' compute, within the pass
+
+
+def test_a_host_runs_its_chunks_on_all_its_workers_threads(mnist_numpy):
+    """One worker with 2 threads: its host runs the chunks on a pool of 2; the fit equals passes as tasks and
+    scikit-learn's Lloyd from the same centres."""
+    from distributed import Client, LocalCluster
+    from sklearn.cluster import KMeans as SKKMeans
+
+    X = mnist_numpy[0][:12000]
+    init = X[np.random.default_rng(7).choice(X.shape[0], 12, replace=False)].astype(np.float64)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            data = engine.chunk_data(client, X, chunk_rows=3000)  # 4 chunks for one host
+            hosts = engine.ChunkHosts.open(client, data, 12)
+            assert len(hosts.actors) == 1
+            hosts.close()
+            hosted, reports, _ = _fit(client, data, init, True, True, max_iter=30)
+            tasks, _, _ = _fit(client, data, init, False, True, max_iter=30)
+    assert all(r.kernel_seconds is not None for r in reports)
+    np.testing.assert_array_equal(hosted.centers, tasks.centers)
+    np.testing.assert_array_equal(hosted.labels, tasks.labels)
+    assert hosted.loss_history == tasks.loss_history
+    ref = SKKMeans(12, init=init, n_init=1, max_iter=30, tol=0, algorithm="lloyd").fit(X.astype(np.float64))
+    np.testing.assert_array_equal(hosted.labels, ref.labels_)
+    np.testing.assert_allclose(hosted.centers, ref.cluster_centers_, rtol=0, atol=1e-9)

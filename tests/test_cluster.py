@@ -283,7 +283,7 @@ def test_dashboard_answers_and_task_names_are_readable(remote_cli_fit, tcp_clust
     stream = client.get_task_stream(start=started)
     names = {key_split(record["key"]) for record in stream}
     # The passes and the final labels go through chunk hosts (one dkmeans-host actor per worker, called
-    # directly: not tasks; test_chunk_hosts checks the tasks they replace); the sample init reads its rows.
+    # as methods: not tasks; test_chunk_hosts checks the tasks they replace); the sample init reads its rows.
     assert {"dkmeans-host", "dkmeans-take"} <= names, names
     assert not any(re.search(r"[0-9a-f]{12}", name) for name in names), names
 
