@@ -240,14 +240,19 @@ def _prepare_worker() -> None:
 _prepared = False
 
 
+def _groups(parts: list):
+    """(start, group) of SPLIT_EVERY consecutive partials: one level of every reduction here, so that they
+    all add the same partials together in the same order (float sums depend on it)."""
+    return [(i, parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
+
+
 def tree_reduce(parts: list, combine, *args, name: str):
     """Combine partials in groups of SPLIT_EVERY until one remains."""
     tag = _tag(name)
     level = 0
     while len(parts) > 1:
         parts = [
-            delayed(combine, pure=False)(parts[i : i + SPLIT_EVERY], *args, dask_key_name=(tag, level, i))
-            for i in range(0, len(parts), SPLIT_EVERY)
+            delayed(combine, pure=False)(group, *args, dask_key_name=(tag, level, i)) for i, group in _groups(parts)
         ]
         level += 1
     return parts[0]
@@ -819,7 +824,7 @@ def _loaded(func, loaders, inputs, *args, offsets, indices, combine):
 def combine_like_reduce(parts: list, combine):
     """reduce_futures on the client: the same groups, in the same order."""
     while len(parts) > SPLIT_EVERY:
-        parts = [combine(parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
+        parts = [combine(group) for _, group in _groups(parts)]
     return combine(parts)
 
 
@@ -829,8 +834,8 @@ def reduce_futures(client: Client, parts: list[Future], combine, *args, name: st
     level = 0
     while len(parts) > SPLIT_EVERY:
         parts = [
-            client.submit(combine, parts[i : i + SPLIT_EVERY], *args, key=(tag, level, i), pure=False, priority=1)
-            for i in range(0, len(parts), SPLIT_EVERY)
+            client.submit(combine, group, *args, key=(tag, level, i), pure=False, priority=1)
+            for i, group in _groups(parts)
         ]
         level += 1
     if held is not None:
