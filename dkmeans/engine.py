@@ -12,6 +12,8 @@ few chunks, streamed), with a tree of reduce tasks when there are many.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import math
 import time
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
+from urllib.parse import urlsplit
 
 import dask
 import dask.array as da
@@ -29,6 +32,7 @@ from dask._task_spec import Alias, DataNode, Task
 from dask.core import flatten
 from dask.sizeof import sizeof
 from distributed import Client, Future, futures_of, get_worker, wait
+from distributed.protocol import to_serialize
 
 from . import allocator, disk_state, kernels, screening, worker_state
 
@@ -547,10 +551,12 @@ class ChunkHosts:
     tasks (visible in the dashboard's task stream).
     """
 
-    def __init__(self, client: Client, actors: list, futures: list):
+    def __init__(self, client: Client, actors: list, futures: list, workers: list):
         self.client = client
         self.actors = actors
         self._futures = futures  # the actors live as long as these
+        self._workers = workers  # each actor's worker
+        self.direct = _reaches_workers(client, workers)
 
     @classmethod
     def open(cls, client: Client, data: ChunkedData, n_centres: int) -> ChunkHosts | None:
@@ -570,6 +576,7 @@ class ChunkHosts:
             wait(data.blocks)
             by_worker = _share_chunks(client.who_has(data.blocks), [b.key for b in data.blocks], nthreads)
             tag = _tag("host")
+            shares = [(worker, indices) for worker, indices in by_worker.items() if indices]
             futures = [
                 client.submit(
                     _ChunkHost,
@@ -582,27 +589,72 @@ class ChunkHosts:
                     allow_other_workers=False,
                     key=(tag, n),
                 )
-                for n, (worker, indices) in enumerate(by_worker.items())
-                if indices
+                for n, (worker, indices) in enumerate(shares)
             ]
-            return cls(client, client.gather(futures), futures)
+            return cls(client, client.gather(futures), futures, [worker for worker, _ in shares])
 
     def lloyd_pass(self, centers: list, ids: tuple, fit: str, *, bounds=True) -> tuple[list, float]:
         """lloyd_pass on the hosts: each model's stats, and the busiest host's compute seconds."""
         if self.client.status != "running":  # called straight (direct_to_workers), hosts outlive the scheduler
             raise OSError(f"the client is {self.client.status}, not connected to the scheduler")
         args, combine = _pass_args(np.concatenate(centers), centers, ids, fit, False, bounds, None)
-        calls = [actor.run(_lloyd_task, args) for actor in self.actors]
-        done = [call.result() for call in calls]
+        done = self.call("run", _lloyd_task, args)
         # Every chunk's partial, added up as reduce_futures would: the same sums to the last bit, wherever
         # the chunks were (float rows give order-dependent sums).
         parts = sorted((part for parts, _ in done for part in parts), key=lambda part: part[0])
         return combine_like_reduce([part for _, part in parts], combine), max(seconds for _, seconds in done)
 
+    def call(self, method: str, *args) -> list:
+        """Every host's ``method(*args)``: sent straight to the workers where the client reaches them, else
+        relayed by the scheduler (Dask's actor proxy).
+
+        The relay carries the centres and the partial sums twice: at k=256 on 2 workers a pass's calls take
+        12.3 ms relayed and 5.7 ms direct (2.3 and 1.5 ms with nothing to carry). A direct call that cannot
+        connect switches the hosts to the relay.
+        """
+        if self.direct:
+            try:
+                return self.client.sync(self._direct_calls, method, args)
+            except OSError as exc:
+                log.info("chunk hosts: the client cannot reach the workers (%s); calls go through the scheduler", exc)
+                self.direct = False
+        calls = [getattr(actor, method)(*args) for actor in self.actors]
+        return [call.result() for call in calls]
+
+    async def _direct_calls(self, method: str, args: tuple) -> list:
+        async def one(worker, future):
+            # The worker's handler for actor calls, as Dask's Actor uses it with a client set direct_to_workers.
+            reply = await self.client.rpc(worker).actor_execute(
+                actor=future.key, function=method, args=[to_serialize(arg) for arg in args], kwargs={}
+            )
+            if reply["status"] != "OK":
+                raise reply["exception"]
+            return reply["result"]
+
+        return await asyncio.gather(*(one(w, f) for w, f in zip(self._workers, self._futures)))
+
     def close(self) -> None:
         """Release the actors (no round trip: this also runs when the scheduler is gone)."""
         self.actors = []
         self._futures = []
+
+
+def _reaches_workers(client: Client, workers: list) -> bool:
+    """Whether host calls go straight to the workers: as the client's direct_to_workers says, and where it says
+    nothing (Dask's default), when every worker listens on this machine's loopback or in this process."""
+    if client.direct_to_workers is not None:
+        return bool(client.direct_to_workers)
+    return all(_on_loopback(w) for w in workers)
+
+
+def _on_loopback(address: str) -> bool:
+    if address.startswith("inproc://"):
+        return True
+    host = urlsplit(address).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def hosts_enabled() -> bool:
@@ -715,9 +767,8 @@ def _final_labels(client: Client, data: ChunkedData, centers, fit: str, model: i
     digest = screening.centres_digest(centers)
     found = {}
     try:
-        asked = [actor.held_labels(fit, model, digest) for actor in hosts.actors] if hosts is not None else []
-        for call in asked:
-            found.update(call.result())
+        for labels_by_chunk in hosts.call("held_labels", fit, model, digest) if hosts is not None else []:
+            found.update(labels_by_chunk)
     except Exception as exc:  # a host lost since the last pass: the tasks below find what is left
         log.debug("chunk hosts could not give their labels: %s", exc)
         found = {}

@@ -111,3 +111,62 @@ def test_a_host_runs_its_chunks_on_all_its_workers_threads(mnist_numpy):
     ref = SKKMeans(12, init=init, n_init=1, max_iter=30, tol=0, algorithm="lloyd").fit(X.astype(np.float64))
     np.testing.assert_array_equal(hosted.labels, ref.labels_)
     np.testing.assert_allclose(hosted.centers, ref.cluster_centers_, rtol=0, atol=1e-9)
+
+
+def test_calls_go_straight_to_workers_on_this_machine_else_through_the_scheduler(client, mnist_numpy, monkeypatch):
+    """The same fit with host calls sent straight to the workers, relayed by the scheduler (a client set
+    direct_to_workers=False), and relayed after a direct call failed to connect."""
+    from distributed import Client
+
+    X = mnist_numpy[0][:6000]
+    data = engine.chunk_data(client, X, chunk_rows=1500)
+    init = X[np.random.default_rng(5).choice(X.shape[0], 8, replace=False)].astype(np.float64)
+    calls = []
+    real = engine.ChunkHosts._direct_calls
+
+    async def counted(self, method, args):
+        calls.append(method)
+        return await real(self, method, args)
+
+    monkeypatch.setattr(engine.ChunkHosts, "_direct_calls", counted)
+    direct, _, _ = _fit(client, data, init, True, True, max_iter=5)
+    assert calls.count("run") == 6 and calls.count("held_labels") == 1  # 6 passes, then the labels
+
+    calls.clear()
+    with Client(client.scheduler.address, direct_to_workers=False, set_as_default=False) as relayed_client:
+        relayed_data = engine.chunk_data(relayed_client, X, chunk_rows=1500)
+        hosts = engine.ChunkHosts.open(relayed_client, relayed_data, 8)
+        assert not hosts.direct
+        hosts.close()
+        relayed, _, _ = _fit(relayed_client, relayed_data, init, True, True, max_iter=5)
+    assert not calls
+
+    async def refused(self, method, args):
+        calls.append(method)
+        raise ConnectionRefusedError("no route to the workers")
+
+    monkeypatch.setattr(engine.ChunkHosts, "_direct_calls", refused)
+    fallback, reports, _ = _fit(client, data, init, True, True, max_iter=5)
+    assert calls == ["run"]  # tried once, then every call went through the scheduler
+    assert all(r.kernel_seconds is not None for r in reports)  # still on the hosts, not tasks
+
+    for other in (relayed, fallback):
+        np.testing.assert_array_equal(other.centers, direct.centers)
+        np.testing.assert_array_equal(other.labels, direct.labels)
+        assert other.loss_history == direct.loss_history
+
+
+@pytest.mark.parametrize(
+    "workers, setting, direct",
+    [
+        (["tcp://127.0.0.1:4000", "tcp://[::1]:4001", "inproc://10.0.0.1/1/2"], None, True),
+        (["tcp://127.0.0.1:4000", "tcp://10.0.0.2:4001"], None, False),  # a remote worker: Dask's relay
+        (["tcp://10.0.0.2:4001"], True, True),  # as the client's direct_to_workers says
+        (["tcp://127.0.0.1:4000"], False, False),
+    ],
+)
+def test_direct_calls_where_the_client_says_or_every_worker_is_on_this_machine(workers, setting, direct):
+    class FakeClient:
+        direct_to_workers = setting
+
+    assert engine._reaches_workers(FakeClient(), workers) is direct
