@@ -179,3 +179,19 @@ def test_small_workers_run_the_numpy_kernels_with_the_same_result(mnist, client)
     np.testing.assert_array_equal(small.cluster_centers_, big.cluster_centers_)
     np.testing.assert_array_equal(small.labels_, big.labels_)
     assert small.inertia_ == big.inertia_ and small.n_iter_ == big.n_iter_
+
+
+@pytest.mark.parametrize("dense_pass, everything", [(0.0, True), (2.0, False)])
+def test_a_first_pass_the_filters_cannot_thin_is_one_product_over_every_row(rows, dense_pass, everything, monkeypatch):
+    """After a pass that computed every distance, a sample of rows decides between the filters and one product
+    over every row (DENSE_PASS 0: always the product; 2: never); both give the brute-force labels and valid bounds."""
+    monkeypatch.setattr(compiled, "DENSE_PASS", dense_pass)
+    k = 64
+    start = rows[np.random.default_rng(2).choice(len(rows), k, replace=False)].astype(np.float64)
+    ((fresh, stats, _),) = run_passes(rows, start, k, 1)
+    centers = kernels.update_centers(stats, start)
+    norms = kernels.chunk_norms(rows)
+    state, computed = compiled.bounded_pass(rows, norms, screening.prepare(centers, norms.screen), fresh, 300)
+    assert (computed == rows.shape[0] * k) is everything
+    np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
+    check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
