@@ -259,3 +259,20 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
     finally:
         screening.DRIFT_HISTORY = old
         kernels.use_compiled(True)
+
+
+def test_float32_down_is_nextafter_towards_minus_infinity_bit_for_bit():
+    rng = np.random.default_rng(0)
+    values = [
+        rng.standard_normal(100_000) * 10.0 ** rng.integers(-46, 40, 100_000),  # subnormals to overflow
+        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 2.0**-149, -(2.0**-149), 2.0**-126, 3.4028235e38, 1e39]),
+        rng.standard_normal((300, 32)),
+        np.float64(1.5),
+    ]
+    with np.errstate(over="ignore"):
+        for x in values:
+            expected = np.nextafter(np.asarray(x, dtype=np.float32), np.float32(-np.inf))
+            got = screening.float32_down(x)
+            assert got.dtype == np.float32 and got.shape == np.shape(x)
+            np.testing.assert_array_equal(got.view(np.int32)[~np.isnan(got)], expected.view(np.int32)[~np.isnan(got)])
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
