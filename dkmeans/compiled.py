@@ -65,8 +65,9 @@ def bounded_pass(
         new.sums = state.sums
         return new, labels.size * model.k
     labels, upper, nearest, new_lower, new_stamp, unsure, dense, n_scores = _filtered(
-        chunk, rows.sq, rows.norm, state.labels, state.upper, state.nearest, drifted, moved, model
-    )
+        chunk, rows.sq, rows.norm, state.labels, state.upper, state.nearest, drifted.lower, drifted.stamp,
+        drifted.drift, moved, model,
+    )  # fmt: skip
     new = screening.ModelState(model.c64, labels, upper, nearest, new_lower, new_stamp, drifted.drift, state.sums)
     if unsure.size:
         _overwrite(new, unsure, *screening.exact_rows(chunk, rows, unsure, model))
@@ -75,10 +76,9 @@ def bounded_pass(
     return new, n_scores + (unsure.size + dense.size) * model.k
 
 
-def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, drifted, moved, model: screening.Centres):
+def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved, model: screening.Centres):
     """The kernel over the given rows: their new labels and bounds, and the rows it left to float64 (unsure)
     and to the matrix product (dense)."""
-    lower, stamp, drift = drifted.lower, drifted.stamp, drifted.drift
     starts = screening.group_starts(model.k)
     ends = np.append(starts[1:], model.k).astype(np.intp)
     d = model.c64.shape[1]
@@ -109,12 +109,9 @@ def _mostly_dense(chunk, rows, model, state, drifted, moved) -> bool:
     if state.labels.size < SAMPLE_EVERY * 64:
         return False
     at = np.arange(0, state.labels.size, SAMPLE_EVERY)
-    sample = screening.ModelState(
-        drifted.centers, None, None, None, drifted.lower[at], drifted.stamp[at], drifted.drift, None
-    )
     dense = _filtered(
-        chunk[at], rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at], sample, moved,
-        model,
+        chunk[at], rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at],
+        drifted.lower[at], drifted.stamp[at], drifted.drift, moved, model,
     )[6]  # fmt: skip
     return dense.size > DENSE_PASS * at.size
 
@@ -170,7 +167,7 @@ def _scores(row, cs, sqs, start, stop, scores):
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
 def _scores_pair(x0, x1, cs, sqs, start, stop, s0, s1):
-    """_scores of two float32 rows at once: every centre value read serves both rows."""
+    """_scores of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
     d = x0.size
     j = start
     while j + 4 <= stop:
