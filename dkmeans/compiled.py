@@ -55,15 +55,14 @@ def bounded_pass(
 
     ``tile_rows`` sizes the tiles of the matrix product that takes the rows needing most of their distances.
     Also returns how many distances the pass computed (brute force: rows x k), a measure of the filters.
+    Returns no state (None, rows x k) when one matrix product over every row costs less (_mostly_dense): the
+    caller makes it, with other models' where several go together.
 
     The returned state's sums are the old ones (the caller updates them from the labels).
     """
     moved, drifted = screening.drift_by(model, state)
     if state.drift.shape[0] == 1 and _mostly_dense(chunk, rows, model, state, drifted, moved):
-        labels, upper, lower = screening.assign_rows(chunk, rows, model, tile_rows)
-        new = screening.fresh_state(model.c64, labels, upper, lower)
-        new.sums = state.sums
-        return new, labels.size * model.k
+        return None, state.labels.size * model.k
     labels, upper, nearest, new_lower, new_stamp, unsure, dense, n_scores = _filtered(
         chunk, rows.sq, rows.norm, state.labels, state.upper, state.nearest, drifted.lower, drifted.stamp,
         drifted.drift, moved, model,

@@ -194,6 +194,8 @@ def lloyd_chunk_many(
             fast = _compiled() if bounds else None
             if fast is not None and fast.available(model):
                 state, _ = fast.bounded_pass(chunk, norms, model, state, tile)
+                if state is None:  # the filters would leave most rows to it: one product over every row
+                    todo[m] = None
             elif bounds:
                 state, todo[m] = screening.bounds_filter(chunk, norms, model, state, tile)
             else:

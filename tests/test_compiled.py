@@ -192,6 +192,11 @@ def test_a_first_pass_the_filters_cannot_thin_is_one_product_over_every_row(rows
     centers = kernels.update_centers(stats, start)
     norms = kernels.chunk_norms(rows)
     state, computed = compiled.bounded_pass(rows, norms, screening.prepare(centers, norms.screen), fresh, 300)
-    assert (computed == rows.shape[0] * k) is everything
+    assert (state is None) is everything and (computed == rows.shape[0] * k) is everything
+    states, stats = kernels.lloyd_chunk_many(rows, centers, (k,), (0,), norms=norms, states=[fresh], bounds=True)
+    state = states[0]
+    assert (state.drift.shape[0] == 1) is everything  # a fresh state from the product, or the bounds moved on
     np.testing.assert_array_equal(state.labels, ref_sq_distances(rows, centers).argmin(axis=1))
     check_bounds(rows, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+    # Exact sums either way, moved from the previous pass's by the rows that changed cluster.
+    np.testing.assert_array_equal(stats[0].sums, kernels.cluster_sums(rows, state.labels, k).astype(np.int64))
