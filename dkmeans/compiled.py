@@ -238,8 +238,11 @@ def _kernel(
     for s in range(now + 1):
         for g in range(n_groups):
             since[s, g] = (drift[now, g] - drift[s, g]) * grow + (now - s + 1) * 2.0**-52 * drift[now, g]
-    # The batch of rows left to the local filter: their float32 copies, scores, group bounds, upper bounds and
-    # errors, and per group the batch slots that reach it.
+    group_of = np.empty(k, dtype=np.intp)
+    for g in range(n_groups):
+        group_of[starts[g] : ends[g]] = g
+    # The batch of rows left to the local filter: their indices, scores, group bounds, upper bounds and errors,
+    # and per group the batch slots that reach it.
     batch = np.empty(BATCH_ROWS, dtype=np.intp)
     scores = np.empty((BATCH_ROWS, k), dtype=np.float32)
     bounds = np.empty((BATCH_ROWS, n_groups))
@@ -300,12 +303,12 @@ def _kernel(
         if n_batch == BATCH_ROWS:
             n_unsure = _local_filter(
                 chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
-                starts, ends, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
+                starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
             )  # fmt: skip
             n_batch = 0
     n_unsure = _local_filter(
         chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
-        starts, ends, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
+        starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
     )  # fmt: skip
     return n_unsure, n_dense, n_scores
 
@@ -313,7 +316,7 @@ def _kernel(
 @njit(cache=True, nogil=True, boundscheck=False)
 def _local_filter(
     chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
-    starts, ends, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
+    starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
 ):  # fmt: skip
     """The batch's scores against the groups each row reaches, group by group, then each row's new label and bounds.
 
@@ -348,10 +351,7 @@ def _local_filter(
         floor = x_sq[i] - error
         upper2 = x_sq[i] + np.float64(sc[best]) + error
         doubt = False
-        own_group = -1
         for g in range(n_groups):
-            if starts[g] <= own < ends[g]:
-                own_group = g
             if b[g] > up:  # groups not reached keep today's bound
                 out_lower[i, g] = _float32_down(b[g])
                 continue
@@ -361,10 +361,11 @@ def _local_filter(
                     low = np.float64(sc[j])
             doubt |= low + floor <= upper2
             out_lower[i, g] = _float32_down(np.sqrt(max(low + floor, 0.0)))
-        if best != own and b[own_group] > up:  # the old centre joins the others of its (unreached) group
+        g = group_of[own]
+        if best != own and b[g] > up:  # the old centre joins the others of its (unreached) group
             own2 = np.float64(sc[own]) + floor
             doubt |= own2 <= upper2
-            out_lower[i, own_group] = min(out_lower[i, own_group], _float32_down(np.sqrt(max(own2, 0.0))))
+            out_lower[i, g] = min(out_lower[i, g], _float32_down(np.sqrt(max(own2, 0.0))))
         near = np.inf
         for g in range(n_groups):
             near = min(near, np.float64(out_lower[i, g]))
