@@ -165,6 +165,15 @@ def _scores(row, cs, sqs, start, stop, scores):
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
+def _dot(x, c):
+    """x.c with x converted to float32 as it is read: one centre, a third faster than _scores' general loop."""
+    a = np.float32(0.0)
+    for t in range(x.size):
+        a += np.float32(x[t]) * c[t]
+    return a
+
+
+@njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
 def _scores_pair(x0, x1, cs, sqs, start, stop, s0, s1):
     """_scores of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
     d = x0.size
@@ -273,9 +282,8 @@ def _kernel(
             out_upper[i] = up
             out_nearest[i] = near
             continue
-        row = chunk[i]
         error = slack_cmax * (cmax + 2 * x_norm[i]) + round64 * x_sq[i]
-        _scores(row, cs, sqs, own, own + 1, scores[n_batch])
+        scores[n_batch, own] = np.float32(-2.0) * _dot(chunk[i], cs[own]) + sqs[own]
         n_scores += 1
         up = np.sqrt(max(x_sq[i] + np.float64(scores[n_batch, own]) + error, 0.0))
         if up < near:  # the upper bound, tightened by the one distance to the own centre
