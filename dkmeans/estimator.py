@@ -14,7 +14,7 @@ from distributed import Client, LocalCluster, get_client, span
 from . import kernels
 from .checkpoint import BestRun, Checkpoint, CheckpointError, FitState, data_fingerprint
 from .engine import LloydResult, chunk_data, chunk_labels, lloyd, lloyd_many
-from .seeding import INIT_NAMES, init_centers
+from .seeding import INIT_NAMES, init_centers, init_centers_many
 
 ALGORITHMS = ("auto", "yinyang", "lloyd")
 
@@ -307,13 +307,13 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
     # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
     with _client(client if client is not None else models[0].client) as client, span("dkmeans-fit") as span_id:
         data = chunk_data(client, X, chunk_rows.pop())
-        starts = [
-            init_centers(client, data, model.n_clusters, init, np.random.default_rng(seed))
-            if isinstance(init, str)
-            else init
+        requests = [
+            (model.n_clusters, init, np.random.default_rng(seed)) if isinstance(init, str) else init
             for model, init, restarts in zip(models, inits, seeds)
             for seed in restarts
         ]
+        drawn = iter(init_centers_many(client, data, [r for r in requests if isinstance(r, tuple)]))
+        starts = [next(drawn) if isinstance(r, tuple) else r for r in requests]
         results = lloyd_many(
             client,
             data,

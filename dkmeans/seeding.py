@@ -39,18 +39,49 @@ def init_centers(client: Client, data: ChunkedData, k: int, init: str, rng: np.r
     raise ValueError(f"Unknown init {init!r}; expected one of {', '.join(INIT_NAMES)} or an array")
 
 
+def init_centers_many(client: Client, data: ChunkedData, requests: list) -> list[np.ndarray]:
+    """init_centers for each (k, init, rng) of ``requests``, the same centres as one call each.
+
+    A sweep's sample inits read all their rows in one round trip, and its
+    random inits share one pass for the data's range (16 models: 16 round
+    trips or passes become one).
+    """
+    out: list = [None] * len(requests)
+    sampled = [i for i, (_, init, _) in enumerate(requests) if init in ("sample", "cluster")]
+    if len(sampled) > 1:
+        indices = [_sample_indices(data, requests[i][0], requests[i][2]) for i in sampled]
+        rows = fetch_rows(client, data, np.concatenate(indices)).astype(np.float64)
+        for i, part in zip(sampled, np.split(rows, np.cumsum([idx.size for idx in indices])[:-1])):
+            out[i] = part
+    uniform = [i for i, (_, init, _) in enumerate(requests) if init == "random"]
+    if len(uniform) > 1:
+        lo, hi = _data_range(client, data)
+        for i in uniform:
+            out[i] = requests[i][2].uniform(lo, hi, size=(requests[i][0], data.n_features))
+    others = (init_centers(client, data, k, init, rng) if c is None else c for c, (k, init, rng) in zip(out, requests))
+    return list(others)
+
+
 def random_in_range(client, data, k, rng):
     """Uniform in each feature's [min, max], as the course notebook's random init."""
+    lo, hi = _data_range(client, data)
+    return rng.uniform(lo, hi, size=(k, data.n_features))
+
+
+def _data_range(client, data):
     ranges = [r for r in client.compute(map_chunks(data, kernels.data_range, name="range"), sync=True) if r is not None]
     lo = np.min([r[0] for r in ranges], axis=0).astype(np.float64)
     hi = np.max([r[1] for r in ranges], axis=0).astype(np.float64)
-    return rng.uniform(lo, hi, size=(k, data.n_features))
+    return lo, hi
 
 
 def sample_rows(client, data, k, rng):
     """k distinct rows drawn uniformly, as the course notebook's sample init."""
-    indices = rng.choice(data.n_samples, size=k, replace=False)
-    return fetch_rows(client, data, indices).astype(np.float64)
+    return fetch_rows(client, data, _sample_indices(data, k, rng)).astype(np.float64)
+
+
+def _sample_indices(data, k, rng):
+    return rng.choice(data.n_samples, size=k, replace=False)
 
 
 def _min_d2(client, data, centers, previous=None):

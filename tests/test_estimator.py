@@ -8,7 +8,7 @@ from sklearn.cluster import KMeans as SKKMeans
 
 from dkmeans import KMeans, kernels
 from dkmeans.engine import MIN_ROUND_PICKS, OVERSAMPLING, PARALLEL_ROUNDS, RECLUSTER_ITER, chunk_data, lloyd
-from dkmeans.seeding import init_centers
+from dkmeans.seeding import init_centers, init_centers_many
 
 K = 10
 
@@ -311,6 +311,16 @@ def test_random_init_within_feature_range(X, client, chunked, random_init):
     assert varying.sum() > 600
     assert (C[:, varying].std(axis=0) > 0).all()  # drawn per centre and feature, not a constant
     np.testing.assert_array_equal(init_centers(client, chunked, K, "random", np.random.default_rng(1)), C)
+
+
+def test_inits_drawn_together_equal_the_inits_drawn_one_by_one(X, client, chunked):
+    """A sweep's inits share their round trips (init_centers_many); each is still exactly its own draw."""
+    requests = [(5, "sample", 1), (12, "random", 2), (7, "k-means++", 3), (9, "cluster", 4), (3, "random", 5)]
+    together = init_centers_many(client, chunked, [(k, init, np.random.default_rng(s)) for k, init, s in requests])
+    for (k, init, s), centers in zip(requests, together):
+        np.testing.assert_array_equal(centers, init_centers(client, chunked, k, init, np.random.default_rng(s)))
+        assert centers.shape == (k, 784)
+    assert_distinct_rows(X, np.vstack([together[0], together[3]]))
 
 
 def test_sample_and_cluster_inits_are_distinct_rows(X, client, chunked):
