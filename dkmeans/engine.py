@@ -273,6 +273,12 @@ def broadcast(client: Client, array: np.ndarray) -> Future:
         return client.submit(_constant, array, key=_tag("broadcast"), pure=False)
 
 
+def shared(client: Client, data: ChunkedData, array: np.ndarray):
+    """The array for a pass's tasks: inside each task while small (a broadcast costs a round trip of its own,
+    10-20 ms on a LocalCluster), broadcast once when its copies would exceed BROADCAST_BYTES."""
+    return broadcast(client, array) if array.nbytes * data.n_chunks > BROADCAST_BYTES else array
+
+
 def _constant(array):
     return array
 
@@ -516,9 +522,7 @@ def lloyd_pass(
     the client's batched stream, which then holds the next message for its
     interval (10 ms): released between passes, they delayed every next pass.
     """
-    stacked = np.concatenate(centers)
-    if stacked.nbytes * data.n_chunks > BROADCAST_BYTES:
-        stacked = broadcast(client, stacked)
+    stacked = shared(client, data, np.concatenate(centers))
     # Streamed data is too large for its bounds to stay in the workers' memory: they go to local disk, filed
     # under a digest of their centres (computed here once, not for every chunk).
     digests = None if data.persisted else tuple(screening.centres_digest(c) for c in centers)

@@ -18,9 +18,9 @@ from .engine import (
     PARALLEL_ROUNDS,
     RECLUSTER_ITER,
     ChunkedData,
-    broadcast,
     fetch_rows,
     map_chunks,
+    shared,
     tree_reduce,
 )
 
@@ -86,7 +86,7 @@ def _sample_indices(data, k, rng):
 
 def _min_d2(client, data, centers, previous=None):
     """Update every chunk's distance-to-nearest-centre (kept on the workers); return it and its chunk sums."""
-    centers = broadcast(client, centers)
+    centers = shared(client, data, centers)
     if previous is None:
         d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance")
     else:
@@ -155,7 +155,7 @@ def kmeans_parallel(client, data, k, rng):
         # Too few candidates (tiny or degenerate data): top up with distinct random rows.
         extra = rng.choice(np.setdiff1d(np.arange(data.n_samples), index), size=k - index.size, replace=False)
         candidates = np.vstack([candidates, fetch_rows(client, data, np.sort(extra)).astype(np.float64)])
-    counts = map_chunks(data, kernels.nearest_counts, broadcast(client, candidates), name="candidate-weight")
+    counts = map_chunks(data, kernels.nearest_counts, shared(client, data, candidates), name="candidate-weight")
     weights = client.compute(tree_reduce(counts, _add, name="candidate-weight-sum"), sync=True)
     start = kernels.weighted_kmeans_plusplus(candidates, k, weights, rng)
     return kernels.weighted_lloyd(candidates, weights, start, RECLUSTER_ITER)
