@@ -158,10 +158,7 @@ def _scores(row, cs, sqs, start, stop, scores):
         scores[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
         j += 2
     if j < stop:
-        a0 = np.float32(0.0)
-        for t in range(d):
-            a0 += np.float32(row[t]) * cs[j, t]
-        scores[j] = np.float32(-2.0) * a0 + sqs[j]
+        scores[j] = np.float32(-2.0) * _dot(row, cs[j]) + sqs[j]
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)

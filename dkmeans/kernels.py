@@ -390,7 +390,7 @@ def oversample(chunk: np.ndarray, d2: np.ndarray, factor: float, seed: int, stre
 
 def nearest_counts(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.ndarray:
     """How many rows of the chunk each centre is nearest to (k-means|| candidate weights)."""
-    labels = _labels(chunk, chunk_norms(chunk, offset), centers)  # not assign: no float64 distances needed
+    labels = labels_of(chunk, centers, offset)  # not assign: no float64 distances needed
     return np.bincount(labels, minlength=centers.shape[0]).astype(np.int64)
 
 

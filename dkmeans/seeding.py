@@ -25,12 +25,14 @@ from .engine import (
 )
 
 INIT_NAMES = ("k-means||", "k-means++", "sample", "cluster", "random")
+# Inits that draw k distinct rows of the data ("cluster" is an alias of "sample").
+SAMPLED_INITS = ("sample", "cluster")
 
 
 def init_centers(client: Client, data: ChunkedData, k: int, init: str, rng: np.random.Generator) -> np.ndarray:
     if init == "random":
         return random_in_range(client, data, k, rng)
-    if init in ("sample", "cluster"):
+    if init in SAMPLED_INITS:
         return sample_rows(client, data, k, rng)
     if init == "k-means++":
         return kmeans_plusplus(client, data, k, rng)
@@ -47,7 +49,7 @@ def init_centers_many(client: Client, data: ChunkedData, requests: list) -> list
     trips or passes become one).
     """
     out: list = [None] * len(requests)
-    sampled = [i for i, (_, init, _) in enumerate(requests) if init in ("sample", "cluster")]
+    sampled = [i for i, (_, init, _) in enumerate(requests) if init in SAMPLED_INITS]
     if len(sampled) > 1:
         indices = [_sample_indices(data, requests[i][0], requests[i][2]) for i in sampled]
         rows = fetch_rows(client, data, np.concatenate(indices)).astype(np.float64)
