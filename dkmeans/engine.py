@@ -32,6 +32,7 @@ from dask._task_spec import Alias, DataNode, Task
 from dask.core import flatten
 from dask.sizeof import sizeof
 from distributed import Client, Future, futures_of, get_worker, wait
+from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
 from . import allocator, disk_state, kernels, screening, worker_state
@@ -42,6 +43,11 @@ SPLIT_EVERY = 8
 BROADCAST_BYTES = 1 << 20
 # Most bytes of centres and partial sums the client may send and receive a pass for chunk hosts to run it.
 HOSTS_MAX_BYTES = 16 << 20
+# Seconds a chunk host's direct call may take to connect to its worker. Dask's own connect retries a refused
+# connection until distributed.comm.timeouts.connect (30 s by default): a host whose worker was killed between
+# two passes stalled the fit that long before it went on in tasks. A live worker on loopback answers in
+# milliseconds, and a call that times out only goes through the scheduler instead (ChunkHosts.call).
+HOST_CONNECT_TIMEOUT = 5
 # Stored bytes of streamed chunks one task reads and processes (see map_chunk_futures).
 STREAM_GROUP_BYTES = 32 << 20
 # Workers with a smaller memory limit run the numpy kernels: numba's runtime and the compiled kernels take
@@ -619,12 +625,16 @@ class ChunkHosts:
 
         The relay carries the centres and the partial sums twice: at k=256 on 2 workers a pass's calls take
         12.3 ms relayed and 5.7 ms direct (2.3 and 1.5 ms with nothing to carry). A direct call that cannot
-        connect switches the hosts to the relay.
+        connect switches the hosts to the relay, unless its worker has left the cluster: then the call fails at
+        once (the fit goes on in tasks).
         """
         if self.direct:
             try:
                 return self.client.sync(self._direct_calls, method, args)
             except OSError as exc:
+                gone = set(self._workers) - set(self.client.nthreads())
+                if gone:  # the relay would only try the dead worker again, for as long as Dask's connect timeout
+                    raise OSError(f"chunk host worker(s) {', '.join(sorted(gone))} left the cluster") from exc
                 log.info("chunk hosts: the client cannot reach the workers (%s); calls go through the scheduler", exc)
                 self.direct = False
         calls = [getattr(actor, method)(*args) for actor in self.actors]
@@ -632,10 +642,21 @@ class ChunkHosts:
 
     async def _direct_calls(self, method: str, args: tuple) -> list:
         async def one(worker, future):
-            # The worker's handler for actor calls, as Dask's Actor uses it with a client set direct_to_workers.
-            reply = await self.client.rpc(worker).actor_execute(
-                actor=future.key, function=method, args=[to_serialize(arg) for arg in args], kwargs={}
-            )
+            # The worker's handler for actor calls, as Dask's Actor uses it with a client set direct_to_workers,
+            # over the client's pooled connections, but with a bounded connect (HOST_CONNECT_TIMEOUT).
+            pool = self.client.rpc
+            comm = await pool.connect(worker, timeout=HOST_CONNECT_TIMEOUT)
+            try:
+                reply = await send_recv(
+                    comm,
+                    op="actor_execute",
+                    actor=future.key,
+                    function=method,
+                    args=[to_serialize(arg) for arg in args],
+                    kwargs={},
+                )
+            finally:
+                pool.reuse(worker, comm)
             if reply["status"] != "OK":
                 raise reply["exception"]
             return reply["result"]
