@@ -128,3 +128,14 @@ def test_only_the_newest_centre_sets_stay_on_disk(state_dir, chunk_and_states, m
     assert disk_state.get("fit-c", 0, (0,))[1] == [None]  # its centres are gone: the chunk is computed in full
     for chunk, shift in ((1, 2.0), (2, 3.0)):
         np.testing.assert_array_equal(disk_state.get("fit-c", chunk, (0,))[1][0].centers, states[0].centers + shift)
+
+
+def test_centre_sets_in_memory_are_as_few_as_on_disk(state_dir, chunk_and_states, monkeypatch):
+    _, norms, states = chunk_and_states
+    monkeypatch.setattr(disk_state, "_CENTRES_FILES", 2)
+    disk_state._centres.clear()
+    for chunk, shift in enumerate((1.0, 2.0, 3.0)):  # three passes' centres, each far under the byte budget
+        put("fit-m", chunk, norms, (0,), [dataclasses.replace(states[0], centers=states[0].centers + shift)])
+    kept = [c for (fit, _), c in disk_state._centres.items() if fit == "fit-m"]
+    assert len(kept) == 2
+    np.testing.assert_array_equal(kept[-1], states[0].centers + 3.0)
