@@ -41,7 +41,7 @@ RESERVE_BYTES = 1 << 30
 RESERVE_FRACTION = 0.1
 _CENTRES_FILES = 64  # centre sets kept on disk per fit, the newest: 4 passes of a 16-model sweep
 # Centre sets kept in memory (per process), by digest: as many as on disk, in at most this many bytes. (By bytes
-# alone, a long k=10 fit kept 500 sets, 32 MB of a 400 MB streaming worker.)
+# alone, a long k=10 fit could keep about 500 sets of 63 KB: 32 MB of a 400 MB streaming worker.)
 _CENTRES_CACHE_BYTES = 32 << 20
 _MAGIC = b"DKSTATE1"
 _HEAD = struct.Struct("<8sII")  # magic, length of the JSON index, CRC-32 of index and arrays
