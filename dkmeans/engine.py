@@ -847,6 +847,12 @@ class _Labels:
     digest: bytes
     labels: np.ndarray
 
+    def __post_init__(self):
+        # Labels a pass did not change are a view of the state file it read (all the chunk's bounds, ten times
+        # their size at k = 10): kept as they are, a long streamed fit's workers filled up with those files.
+        if self.labels.base is not None:
+            self.labels = self.labels.copy()
+
 
 def map_chunk_futures(client: Client, data: ChunkedData, func, *args, name: str, combine=None) -> list[Future]:
     """One task per chunk, submitted now: func(block, *args, offset=..., index=...).

@@ -10,7 +10,7 @@ import dask
 import numpy as np
 import pytest
 
-from dkmeans import compiled, disk_state, kernels, screening
+from dkmeans import compiled, disk_state, engine, kernels, screening, worker_state
 from dkmeans.data.store import _STALE_TMP_S
 
 
@@ -139,3 +139,19 @@ def test_centre_sets_in_memory_are_as_few_as_on_disk(state_dir, chunk_and_states
     kept = [c for (fit, _), c in disk_state._centres.items() if fit == "fit-m"]
     assert len(kept) == 2
     np.testing.assert_array_equal(kept[-1], states[0].centers + 3.0)
+
+
+def test_labels_a_streamed_pass_keeps_in_memory_do_not_hold_its_state_file(state_dir, chunk_and_states):
+    """Labels a pass leaves unchanged come from the chunk's state file: kept as they were, a view of the whole
+    file (ten times their size here), a long streamed fit's workers filled up with files."""
+    chunk, norms, states = chunk_and_states
+    put("fit-l", 0, norms, (0,), states[:1])
+    centers = states[0].centers  # unchanged: the bounds settle every row, no label is computed again
+    digests = [screening.centres_digest(centers)]
+    try:
+        engine._lloyd_task(chunk, centers, (10,), (0,), (0,), "fit-l", True, digests, offset=0, index=0)
+        kept = worker_state.get(("fit-l", 0, 0))
+        np.testing.assert_array_equal(kept.labels, states[0].labels)
+        assert worker_state._nbytes(kept) == kept.labels.nbytes == 4 * len(chunk)
+    finally:
+        worker_state.forget("fit-l")
