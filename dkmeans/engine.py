@@ -48,6 +48,8 @@ HOSTS_MAX_BYTES = 16 << 20
 # two passes stalled the fit that long before it went on in tasks. A live worker on loopback answers in
 # milliseconds, and a call that times out only goes through the scheduler instead (ChunkHosts.call).
 HOST_CONNECT_TIMEOUT = 5
+# How long a failed direct call waits for the scheduler to see its worker leave, before relaying instead.
+HOST_LEFT_WAIT = 2.0
 # Stored bytes of streamed chunks one task reads and processes (see map_chunk_futures).
 STREAM_GROUP_BYTES = 32 << 20
 # Workers with a smaller memory limit run the numpy kernels: numba's runtime and the compiled kernels take
@@ -632,13 +634,21 @@ class ChunkHosts:
             try:
                 return self.client.sync(self._direct_calls, method, args)
             except OSError as exc:
-                gone = set(self._workers) - set(self.client.nthreads())
+                gone = self._left_cluster(within=HOST_LEFT_WAIT)
                 if gone:  # the relay would only try the dead worker again, for as long as Dask's connect timeout
                     raise OSError(f"chunk host worker(s) {', '.join(sorted(gone))} left the cluster") from exc
                 log.info("chunk hosts: the client cannot reach the workers (%s); calls go through the scheduler", exc)
                 self.direct = False
         calls = [getattr(actor, method)(*args) for actor in self.actors]
         return [call.result() for call in calls]
+
+    def _left_cluster(self, within: float) -> set:
+        """The hosts' workers the scheduler no longer lists, waiting up to ``within`` seconds for it to notice:
+        a connect to a killed worker is refused at once, sometimes before the scheduler has seen it go."""
+        deadline = time.monotonic() + within
+        while not (gone := set(self._workers) - set(self.client.nthreads())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return gone
 
     async def _direct_calls(self, method: str, args: tuple) -> list:
         async def one(worker, future):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import dask
@@ -146,6 +147,7 @@ def test_calls_go_straight_to_workers_on_this_machine_else_through_the_scheduler
         raise ConnectionRefusedError("no route to the workers")
 
     monkeypatch.setattr(engine.ChunkHosts, "_direct_calls", refused)
+    monkeypatch.setattr(engine, "HOST_LEFT_WAIT", 0.2)  # every worker stays: relayed after this wait
     fallback, reports, _ = _fit(client, data, init, True, True, max_iter=5)
     assert calls == ["run"]  # tried once, then every call went through the scheduler
     assert all(r.kernel_seconds is not None for r in reports)  # still on the hosts, not tasks
@@ -170,3 +172,33 @@ def test_direct_calls_where_the_client_says_or_every_worker_is_on_this_machine(w
         direct_to_workers = setting
 
     assert engine._reaches_workers(FakeClient(), workers) is direct
+
+
+def test_a_killed_worker_is_not_tried_again_through_the_relay_before_the_scheduler_sees_it_go(monkeypatch):
+    """A connect to a killed worker is refused at once, sometimes before the scheduler has seen the worker go.
+    Relayed, the call would try the dead worker again for Dask's 30 s connect timeout: the hosts wait for the
+    scheduler instead, and fail (the fit goes on in tasks)."""
+    worker = "tcp://127.0.0.1:4000"
+
+    class FakeClient:
+        direct_to_workers = True
+        looks = 0
+
+        def sync(self, func, *args):
+            return asyncio.run(func(*args))
+
+        def nthreads(self):  # the scheduler sees the worker go on its third look
+            self.looks += 1
+            return {worker: 1} if self.looks < 3 else {}
+
+    class NoRelay:
+        def __getattr__(self, name):
+            raise AssertionError("the call was relayed to the dead worker")
+
+    async def refused(self, method, args):
+        raise ConnectionRefusedError(f"connect to {worker} refused")
+
+    monkeypatch.setattr(engine.ChunkHosts, "_direct_calls", refused)
+    hosts = engine.ChunkHosts(FakeClient(), [NoRelay()], ["host-future"], [worker])
+    with pytest.raises(OSError, match="left the cluster"):
+        hosts.call("run", None)
