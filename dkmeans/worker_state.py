@@ -36,29 +36,7 @@ def _budget() -> int:
 
 
 def _nbytes(value) -> int:
-    """The memory value's arrays keep alive: a view pins its whole buffer (a state file read whole, say), not
-    only its own bytes; arrays that share a buffer pin it once."""
-    held = {}
-    for a in vars(value).values():
-        if isinstance(a, np.ndarray):
-            buffer, size = _buffer(a)
-            held[id(buffer)] = max(held.get(id(buffer), 0), size)
-    return sum(held.values())
-
-
-def _buffer(a: np.ndarray) -> tuple:
-    """The object that owns an array's memory, and its size."""
-    owner = a
-    while isinstance(owner, np.ndarray) and owner.base is not None:
-        owner = owner.base
-    if isinstance(owner, memoryview) and owner.obj is not None:  # np.frombuffer's view of a bytearray, say
-        owner = owner.obj
-    if isinstance(owner, np.ndarray):
-        return owner, max(owner.nbytes, a.nbytes)
-    try:
-        return owner, max(memoryview(owner).nbytes, a.nbytes)
-    except TypeError:
-        return a, a.nbytes
+    return sum(v.nbytes for v in vars(value).values() if isinstance(v, np.ndarray))
 
 
 def get(key):

@@ -13,12 +13,6 @@ class Entry:
     values: np.ndarray
 
 
-@dataclass
-class Pair:
-    first: np.ndarray
-    second: np.ndarray
-
-
 @pytest.fixture
 def budget_of_4_kb(monkeypatch):
     monkeypatch.setattr(worker_state, "_budget", lambda: 4096)
@@ -77,20 +71,3 @@ def test_stale_entries_of_the_same_fit_make_room(budget_of_4_kb):
     assert [worker_state.get(("fit-a", c, 0)) is not None for c in (1, 2, 3)] == [True] * 3
     worker_state.put(("fit-a", 10, 0), kb(), stale=lambda key, value: False)  # nothing stale: not stored
     assert worker_state.get(("fit-a", 10, 0)) is None and worker_state._used == 4096
-
-
-def test_a_view_counts_the_whole_buffer_it_keeps_alive(budget_of_4_kb):
-    """Labels read from a state file are a view of the whole file: keeping them keeps the file's bytes."""
-    raw = bytearray(8192)
-    worker_state.put(("fit", 0, 0), Entry(np.frombuffer(raw, dtype=np.int32, count=4)))
-    assert worker_state.get(("fit", 0, 0)) is None and worker_state._used == 0  # 16 bytes of its own, 8 kB held
-    ours = np.zeros(256)
-    worker_state.put(("fit", 1, 0), Entry(ours[:2]))  # a slice of an array keeps the array
-    assert worker_state._used == ours.nbytes
-
-
-def test_arrays_sharing_a_buffer_count_it_once(budget_of_4_kb):
-    raw = bytearray(3000)
-    pair = Pair(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(raw, dtype=np.uint8, count=100))
-    worker_state.put(("fit", 0, 0), pair)
-    assert worker_state.get(("fit", 0, 0)) is pair and worker_state._used == 3000
