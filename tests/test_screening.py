@@ -36,7 +36,7 @@ def centres_of(X, k, seed):
 
 def check_bounds(x, centers, labels, upper, lower, nearest=None):
     """labels are the brute-force nearest centres (lowest index on ties); upper >= distance to the own centre,
-    lower[:, g] (nearest) <= distance to every other centre of group g (all). One oracle product for both."""
+    lower[:, g] (nearest) <= distance to every other centre of group g (all). One brute force for both."""
     d2 = ref_sq_distances(x, centers)
     np.testing.assert_array_equal(labels, d2.argmin(axis=1))
     d = np.sqrt(d2)
