@@ -1,4 +1,5 @@
-"""Kernels compiled with numba: the bounded (Yinyang) pass, integer cluster sums and integer row norms.
+"""Kernels compiled with numba: the bounded (Yinyang) pass, the labels and bounds of a block of screened products,
+integer cluster sums and integer row norms.
 
 Imported only where kernels.use_compiled allows it: numba's runtime and this
 module's code take about 100 MB of a process's memory (measured in a Dask
@@ -71,7 +72,7 @@ def bounded_pass(
     if unsure.size:
         _overwrite(new, unsure, *screening.exact_rows(chunk, rows, unsure, model))
     if dense.size:
-        _overwrite(new, dense, *screening.assign_rows(chunk, rows, model, tile_rows, dense))
+        _overwrite(new, dense, *screening.assign_rows(chunk, rows, model, tile_rows, dense, bounds_from_products))
     return new, n_scores + (unsure.size + dense.size) * model.k
 
 
@@ -95,6 +96,88 @@ def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, 
         new_labels, new_upper, new_nearest, new_lower, new_stamp, unsure[:n_unsure].copy(), dense[:n_dense].copy(),
         n_scores,
     )  # fmt: skip
+
+
+def bounds_from_products(scores, chunk, rows: screening.RowNorms, idx, model: screening.Centres):
+    """screening.bounds_from_products in one loop over each row's scores instead of a dozen numpy passes over the
+    block: the same labels, upper bounds and rows left to float64; the lower bounds rounded down to float32 as
+    this module rounds them (_float32_down). For 30,000 MNIST rows: 1.6-1.8 ms against numpy's 3.1-4.6 at k=10,
+    2.8-3.3 against 6.5-11 at k=20, 7-10 against 23-29 at k=256 (a dense pass's product itself: 12-111 ms)."""
+    if scores.dtype != np.float32:
+        return screening.bounds_from_products(scores, chunk, rows, idx, model)
+    starts = screening.group_starts(model.k)
+    ends = np.append(starts[1:], model.k).astype(np.intp)
+    n = idx.size
+    labels, upper = np.empty(n, dtype=np.int32), np.empty(n)
+    lower, unsure = np.empty((n, starts.size), dtype=np.float32), np.empty(n, dtype=np.intp)
+    d = model.c64.shape[1]
+    n_unsure = _settle_scores(
+        scores, model.sqs, starts.astype(np.intp), ends, rows.sq[idx], rows.norm[idx], model.slack * model.cmax,
+        model.cmax, (d + 4) * 2.0**-53, labels, upper, lower, unsure,
+    )  # fmt: skip
+    if n_unsure:
+        unsure = unsure[:n_unsure]
+        labels[unsure], upper[unsure], lower[unsure] = screening.exact_rows(chunk, rows, idx[unsure], model)
+    return labels, upper, lower
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, slack_cmax, cmax, round64, labels, upper, lower, unsure):
+    """Each row's label (lowest index of the least score), bounds and doubt, from its products x.c; the scores
+    -2 x.c + |c|^2 rounded as numpy rounds them. Returns how many rows it left to float64."""
+    m, k = products.shape
+    scores = np.empty(k, dtype=np.float32)
+    lows = np.empty(starts.size, dtype=np.float32)
+    n_unsure = 0
+    for i in range(m):
+        _row_scores(products[i], sqs, scores)
+        grouped = starts.size < k
+        if grouped:
+            for g in range(starts.size):
+                lows[g] = _least(scores, starts[g], ends[g])
+            least = _least(lows, 0, starts.size)
+        else:  # a group per centre
+            least = _least(scores, 0, k)
+        best = 0
+        while scores[best] != least:  # the lowest index of the least score
+            best += 1
+        if grouped:
+            g = 0
+            while ends[g] <= best:
+                g += 1
+            lows[g] = min(_least(scores, starts[g], best), _least(scores, best + 1, ends[g]))  # without best
+        else:
+            lows[:] = scores
+            lows[best] = np.inf
+        error = slack_cmax * (cmax + 2 * x_norm[i]) + round64 * x_sq[i]
+        upper2 = x_sq[i] + np.float64(least) + error
+        floor = x_sq[i] - error
+        near = np.inf
+        for g in range(starts.size):
+            near = min(near, np.float64(lows[g]))
+            lower[i, g] = _float32_down(np.sqrt(max(np.float64(lows[g]) + floor, 0.0)))
+        if near + floor <= upper2:  # a near-tie within the screening error: float64 decides
+            unsure[n_unsure] = i
+            n_unsure += 1
+        labels[i] = best
+        upper[i] = np.sqrt(max(upper2, 0.0))
+    return n_unsure
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _row_scores(products, sqs, scores):
+    """-2 x.c + |c|^2 in float32, each rounded once as numpy's scores *= -2; scores += sqs (-2 x.c is exact)."""
+    for j in range(scores.size):
+        scores[j] = np.float32(-2.0) * products[j] + sqs[j]
+
+
+@njit(fastmath={"nnan", "nsz"}, cache=True, nogil=True, boundscheck=False)
+def _least(scores, start, stop):
+    """min(scores[start:stop]), +inf when empty; vectorised (screened scores are never NaN)."""
+    low = np.float32(np.inf)
+    for j in range(start, stop):
+        low = min(low, scores[j])
+    return low
 
 
 def _mostly_dense(chunk, rows, model, state, drifted, moved) -> bool:

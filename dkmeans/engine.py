@@ -611,11 +611,6 @@ class ChunkHosts:
             raise OSError(f"the client is {self.client.status}, not connected to the scheduler")
         args, combine = _pass_args(np.concatenate(centers), centers, ids, fit, False, bounds, None)
         done = self.call("run", _lloyd_task, args)
-        for parts, _ in done:
-            for _, stats in parts:
-                for st in stats:
-                    if st.sums.dtype == np.int32:
-                        st.sums = st.sums.astype(np.int64)
         # Every chunk's partial, added up as reduce_futures would: the same sums to the last bit, wherever
         # the chunks were (float rows give order-dependent sums).
         parts = sorted((part for parts, _ in done for part in parts), key=lambda part: part[0])
@@ -753,7 +748,7 @@ class _ChunkHost:
 
 def _narrowed(part):
     """A chunk's stats with integer sums sent as int32 where they fit (every uint8 chunk under 8 million rows):
-    half the bytes back to the client, which widens them again (ChunkHosts.lloyd_pass)."""
+    half the bytes back to the client, which widens them as it adds them (kernels.combine_stats)."""
     for st in part:
         if st.sums.dtype == np.int64 and (not st.sums.size or np.abs(st.sums).max() < 2**31):
             st.sums = st.sums.astype(np.int32)

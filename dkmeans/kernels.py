@@ -39,6 +39,12 @@ def _compiled():
     return importlib.import_module(".compiled", __package__) if _use_compiled else None
 
 
+def _settle():
+    """What turns blocks of screened products into labels and bounds: compiled where allowed (same labels)."""
+    fast = _compiled()
+    return screening.bounds_from_products if fast is None else fast.bounds_from_products
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float32 input stays float32, everything else is computed in float64 (as scikit-learn)."""
     return np.dtype(np.float32) if np.dtype(dtype) == np.float32 else np.dtype(np.float64)
@@ -202,7 +208,9 @@ def lloyd_chunk_many(
                 state, todo[m] = None, None
         models.append(model)
         moved.append(state)  # the same centres: the same state
-    done = screening.assign_rows_many(chunk, norms, [models[m] for m in todo], list(todo.values()), tile_rows)
+    done = screening.assign_rows_many(
+        chunk, norms, [models[m] for m in todo], list(todo.values()), tile_rows, _settle()
+    )
     for m, assigned in zip(todo, done):
         if moved[m] is None:
             moved[m] = screening.fresh_state(models[m].c64, *assigned)
@@ -257,7 +265,7 @@ def labels_of(chunk: np.ndarray, centers: np.ndarray, offset: int = 0) -> np.nda
 def _labels(chunk, norms, centers) -> np.ndarray:
     model = screening.prepare(centers, norms.screen)
     tile = tile_rows(max(chunk.shape[1], model.k))
-    return screening.assign_rows(chunk, norms, model, tile)[0]
+    return screening.assign_rows(chunk, norms, model, tile, settle=_settle())[0]
 
 
 def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -310,13 +318,24 @@ def combine_stats(parts: list[ChunkStats], n_far: int) -> ChunkStats:
     far_label = np.concatenate([p.far_label for p in parts])
     order = np.lexsort((far_index, -far_d2))[:n_far]
     return ChunkStats(
-        sums=np.sum([p.sums for p in parts], axis=0),
-        counts=np.sum([p.counts for p in parts], axis=0),
+        sums=_added([p.sums for p in parts]),
+        counts=_added([p.counts for p in parts]),
         sq_total=float(sum(p.sq_total for p in parts)),
         far_d2=far_d2[order],
         far_index=far_index[order],
         far_label=far_label[order],
     )
+
+
+def _added(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays' sum, added left to right as np.sum(arrays, axis=0) adds them (the same float64 bits);
+    integers in int64, so the int32 sums workers send (engine._narrowed) are widened as they are added,
+    without a stacked copy (k=256, two partials: 0.7 ms against 1.3 ms widened first, then np.sum)."""
+    first = arrays[0]
+    total = first.astype(np.int64 if first.dtype.kind in "ui" else np.result_type(*arrays), copy=True)
+    for a in arrays[1:]:
+        total += a
+    return total
 
 
 def inertia(stats: ChunkStats, centers: np.ndarray) -> float:
@@ -357,7 +376,7 @@ def update_centers(stats: ChunkStats, old_centers: np.ndarray, far_rows: np.ndar
             counts[j] = 1
     new_centers = np.array(old_centers, dtype=np.float64)
     nonempty = counts > 0  # a cluster that gave away its only row keeps its old centre
-    new_centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+    np.divide(sums, counts[:, None], out=new_centers, where=nonempty[:, None])
     return new_centers
 
 

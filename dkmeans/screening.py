@@ -12,7 +12,7 @@ distance to the row's own centre, a lower bound per group of other centres).
 When the centres move, the bounds move by at most the centres' shifts, and a
 row whose upper bound stays below its lower bounds keeps its centre without
 computing any distance. Pure numpy (dkmeans.compiled has the bounded pass
-compiled): nothing here knows about Dask.
+and bounds_from_products compiled): nothing here knows about Dask.
 """
 
 from __future__ import annotations
@@ -255,9 +255,9 @@ def _exact_sq_distances(x: np.ndarray, x_sq: np.ndarray, model: Centres) -> np.n
     return d2
 
 
-def assign_rows(chunk: np.ndarray, rows: RowNorms, model: Centres, tile_rows: int, which=None):
+def assign_rows(chunk: np.ndarray, rows: RowNorms, model: Centres, tile_rows: int, which=None, settle=None):
     """Labels and bounds (bounds_from_products) of the chunk's rows ``which`` (all when None)."""
-    return assign_rows_many(chunk, rows, [model], [which], lambda width: tile_rows)[0]
+    return assign_rows_many(chunk, rows, [model], [which], lambda width: tile_rows, settle)[0]
 
 
 # A model joins the stacked product when it needs at least this share of the rows being computed.
@@ -267,7 +267,7 @@ STACK_SHARE = 0.3
 BLOCK_ELEMENTS = 2**19
 
 
-def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], whiches: list, tile_rows):
+def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], whiches: list, tile_rows, settle=None):
     """assign_rows for several models, each over its own rows (None: all), sharing the matrix products.
 
     Models that need at least STACK_SHARE of the rows any of them needs get
@@ -275,8 +275,11 @@ def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], w
     once and the product runs at the speed of a large k (computing some rows
     a model does not need costs less than converting them again for it). The
     others go alone.
-    ``tile_rows(width)`` sizes the tiles. Returns assign_rows' triple per model.
+    ``tile_rows(width)`` sizes the tiles. ``settle`` turns a block of products into labels and bounds
+    (bounds_from_products, or dkmeans.compiled's, which gives the same labels). Returns assign_rows' triple
+    per model.
     """
+    settle = settle or bounds_from_products
     n = chunk.shape[0]
     wanted = [np.arange(n) if w is None else np.asarray(w, dtype=np.intp) for w in whiches]
     needed = np.zeros(n, dtype=bool)
@@ -291,13 +294,15 @@ def assign_rows_many(chunk: np.ndarray, rows: RowNorms, models: list[Centres], w
     out = [None] * len(models)
     for group in groups:
         over = union if len(group) > 1 else wanted[group[0]]
-        done = _assign_together(chunk, rows, [models[m] for m in group], [wanted[m] for m in group], over, tile_rows)
+        done = _assign_together(
+            chunk, rows, [models[m] for m in group], [wanted[m] for m in group], over, tile_rows, settle
+        )
         for m, result in zip(group, done):
             out[m] = result
     return out
 
 
-def _assign_together(chunk, rows, models, wanted, over, tile_rows):
+def _assign_together(chunk, rows, models, wanted, over, tile_rows, settle):
     """One stacked product over the rows ``over``, block by block; each model keeps its ``wanted`` rows."""
     cst = models[0].cst if len(models) == 1 else np.hstack([model.cst for model in models])
     edges = np.cumsum([0] + [model.k for model in models])
@@ -325,7 +330,7 @@ def _assign_together(chunk, rows, models, wanted, over, tile_rows):
                 scores, sel = products[:, columns], idx
             else:
                 scores, sel = products[mine, columns], idx[mine]
-            got = bounds_from_products(scores, chunk, rows, sel, model)
+            got = settle(scores, chunk, rows, sel, model)
             part = slice(filled[j], filled[j] + sel.size)
             for target, value in zip(out[j], got):
                 target[part] = value

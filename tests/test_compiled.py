@@ -104,6 +104,30 @@ def test_duplicate_centres_tie_to_the_lowest_index(rows):
         assert (state.labels % 2 == 0).all() or not np.array_equal(centers[0], centers[1])
 
 
+@pytest.mark.parametrize("k", [1, 3, 20, 64, 256])
+def test_compiled_settle_gives_the_numpy_labels_and_valid_bounds(rows, k):
+    """compiled.bounds_from_products against screening's and the brute force: the same labels, upper bounds and
+    rows left to float64; lower bounds valid and at most one float32 step from numpy's. The products are a
+    strided view of a stacked block (another model's centres beside them), as _assign_together passes them,
+    and two centres coincide (a tie only float64 settles)."""
+    x = rows[:1500]
+    norms = kernels.chunk_norms(x)
+    centers = x[np.random.default_rng(k).choice(len(x), k, replace=False)].astype(np.float64) + 0.25
+    if k > 1:
+        centers[-1] = centers[0]
+    model = screening.prepare(centers, norms.screen)
+    other = screening.prepare(centers[:1] + 3, norms.screen)
+    stacked = x.astype(np.float32) @ np.hstack([other.cst, model.cst])
+    idx = np.arange(len(x))
+    labels, upper, lower = compiled.bounds_from_products(stacked[:, 1:], x, norms, idx, model)
+    ref_labels, ref_upper, ref_lower = screening.bounds_from_products(stacked[:, 1:].copy(), x, norms, idx, model)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(upper, ref_upper)
+    steps = np.abs(lower.view(np.int32).astype(np.int64) - ref_lower.view(np.int32).astype(np.int64))
+    assert steps.max() <= 1
+    check_bounds(x, centers, labels, upper, lower)
+
+
 def test_float32_down_is_a_float32_lower_bound():
     values = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 3.0e38, 1e39, -1e39, np.inf, -np.inf, np.pi, 2.0**-149]
     values += [1.0e-45, 2.2e-45, -1.0e-45, 1e-40, 3.3e-39, 1e-300]  # float32 subnormals and below

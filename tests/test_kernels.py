@@ -280,6 +280,20 @@ def test_combine_stats_of_split_chunks_equals_whole(mnist_slice, mnist_centers):
         assert len(combined.far_index) == n_far
 
 
+def test_combine_stats_widens_int32_partials_and_adds_floats_in_order(mnist_slice, mnist_centers):
+    """Chunk hosts send int32 sums (engine._narrowed): they add up in int64, past int32's range too. Float sums
+    add left to right, bit for bit np.sum over the stacked partials (the float64 rounding depends on it)."""
+    _, stats = kernels.lloyd_chunk(mnist_slice, mnist_centers, n_far=0, offset=0)
+    big = kernels.ChunkStats(stats.sums.astype(np.int32), stats.counts, stats.sq_total, *[np.empty(0)] * 3)
+    big.sums[0, 0] = 2**31 - 1
+    total = kernels.combine_stats([big, big, big], 0)
+    assert total.sums.dtype == np.int64 and total.sums[0, 0] == 3 * (2**31 - 1)
+    np.testing.assert_array_equal(total.sums[1:], 3 * stats.sums[1:].astype(np.int64))
+    floats = [np.random.default_rng(s).normal(size=(4, 5)) * 10.0 ** (3 * s) for s in range(5)]
+    parts = [kernels.ChunkStats(f, np.ones(4, dtype=np.int64), 0.0, *[np.empty(0)] * 3) for f in floats]
+    assert kernels.combine_stats(parts, 0).sums.tobytes() == np.sum(floats, axis=0).tobytes()
+
+
 def test_combine_stats_far_ties_across_chunks():
     """Equal distances in different chunks: the lower global row index comes first."""
     centers = np.array([[0.0]])
