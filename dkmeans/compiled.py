@@ -79,17 +79,14 @@ def bounded_pass(
 def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved, model: screening.Centres):
     """The kernel over the given rows: their new labels and bounds, and the rows it left to float64 (unsure)
     and to the matrix product (dense)."""
-    starts = screening.group_starts(model.k)
-    ends = np.append(starts[1:], model.k).astype(np.intp)
-    d = model.c64.shape[1]
+    starts, ends, slack_cmax, cmax, round64 = _screen_terms(model)
     new_labels = np.empty_like(labels)  # the kernel writes every row's label, upper bound and nearest
     new_upper, new_nearest = np.empty_like(upper), np.empty_like(nearest)
     new_lower, new_stamp = lower.copy(), stamp.copy()
     unsure, dense = np.empty(labels.size, dtype=np.intp), np.empty(labels.size, dtype=np.intp)
     n_unsure, n_dense, n_scores = _kernel(
         chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
-        model.cs, model.sqs, starts.astype(np.intp), ends, model.slack * model.cmax, model.cmax,
-        (d + 4) * 2.0**-53, screening.BOUND_SLACK, DENSE_SHARE,
+        model.cs, model.sqs, starts, ends, slack_cmax, cmax, round64, screening.BOUND_SLACK, DENSE_SHARE,
         new_labels, new_upper, new_nearest, new_lower, new_stamp, unsure, dense,
     )  # fmt: skip
     return (
@@ -105,20 +102,32 @@ def bounds_from_products(scores, chunk, rows: screening.RowNorms, idx, model: sc
     2.8-3.3 against 6.5-11 at k=20, 7-10 against 23-29 at k=256 (a dense pass's product itself: 12-111 ms)."""
     if scores.dtype != np.float32:
         return screening.bounds_from_products(scores, chunk, rows, idx, model)
-    starts = screening.group_starts(model.k)
-    ends = np.append(starts[1:], model.k).astype(np.intp)
+    starts, ends, slack_cmax, cmax, round64 = _screen_terms(model)
     n = idx.size
     labels, upper = np.empty(n, dtype=np.int32), np.empty(n)
     lower, unsure = np.empty((n, starts.size), dtype=np.float32), np.empty(n, dtype=np.intp)
-    d = model.c64.shape[1]
     n_unsure = _settle_scores(
-        scores, model.sqs, starts.astype(np.intp), ends, rows.sq[idx], rows.norm[idx], model.slack * model.cmax,
-        model.cmax, (d + 4) * 2.0**-53, labels, upper, lower, unsure,
+        scores, model.sqs, starts, ends, rows.sq[idx], rows.norm[idx], slack_cmax, cmax, round64,
+        labels, upper, lower, unsure,
     )  # fmt: skip
     if n_unsure:
         unsure = unsure[:n_unsure]
         labels[unsure], upper[unsure], lower[unsure] = screening.exact_rows(chunk, rows, idx[unsure], model)
     return labels, upper, lower
+
+
+def _screen_terms(model: screening.Centres):
+    """What the compiled loops take of a model: its groups' first and end centres, and the terms of
+    screening._error (the bound on a screened score's rounding)."""
+    starts = screening.group_starts(model.k).astype(np.intp)
+    ends = np.append(starts[1:], model.k).astype(np.intp)
+    return starts, ends, model.slack * model.cmax, model.cmax, (model.c64.shape[1] + 4) * 2.0**-53
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _screen_error(x_norm, x_sq, slack_cmax, cmax, round64):
+    """screening._error for one row."""
+    return slack_cmax * (cmax + 2 * x_norm) + round64 * x_sq
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -129,9 +138,9 @@ def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, slack_cmax, cmax, 
     scores = np.empty(k, dtype=np.float32)
     lows = np.empty(starts.size, dtype=np.float32)
     n_unsure = 0
+    grouped = starts.size < k
     for i in range(m):
         _row_scores(products[i], sqs, scores)
-        grouped = starts.size < k
         if grouped:
             for g in range(starts.size):
                 lows[g] = _least(scores, starts[g], ends[g])
@@ -149,7 +158,7 @@ def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, slack_cmax, cmax, 
         else:
             lows[:] = scores
             lows[best] = np.inf
-        error = slack_cmax * (cmax + 2 * x_norm[i]) + round64 * x_sq[i]
+        error = _screen_error(x_norm[i], x_sq[i], slack_cmax, cmax, round64)
         upper2 = x_sq[i] + np.float64(least) + error
         floor = x_sq[i] - error
         near = np.inf
@@ -362,7 +371,7 @@ def _kernel(
             out_upper[i] = up
             out_nearest[i] = near
             continue
-        error = slack_cmax * (cmax + 2 * x_norm[i]) + round64 * x_sq[i]
+        error = _screen_error(x_norm[i], x_sq[i], slack_cmax, cmax, round64)
         scores[n_batch, own] = np.float32(-2.0) * _dot(chunk[i], cs[own]) + sqs[own]
         n_scores += 1
         up = np.sqrt(max(x_sq[i] + np.float64(scores[n_batch, own]) + error, 0.0))
