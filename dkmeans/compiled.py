@@ -121,7 +121,7 @@ def _screen_terms(model: screening.Centres):
     screening._error (the bound on a screened score's rounding)."""
     starts = screening.group_starts(model.k).astype(np.intp)
     ends = np.append(starts[1:], model.k).astype(np.intp)
-    return starts, ends, model.slack * model.cmax, model.cmax, (model.c64.shape[1] + 4) * 2.0**-53
+    return starts, ends, *screening.error_terms(model, model.slack)
 
 
 @njit(cache=True, nogil=True, inline="always")

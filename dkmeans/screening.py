@@ -156,8 +156,14 @@ def prepare(centers: np.ndarray, screen: np.dtype) -> Centres:
 
 def _error(rows: RowNorms, idx, model: Centres, slack: float) -> np.ndarray:
     """Bound on the error of a screened squared distance for the given rows."""
-    d = model.c64.shape[1]
-    return slack * model.cmax * (model.cmax + 2 * rows.norm[idx]) + (d + 4) * 2.0**-53 * rows.sq[idx]
+    scaled, cmax, round64 = error_terms(model, slack)
+    return scaled * (cmax + 2 * rows.norm[idx]) + round64 * rows.sq[idx]
+
+
+def error_terms(model: Centres, slack: float):
+    """The terms of _error's bound, slack cmax (cmax + 2 |x|) + round64 |x|^2 (round64: the float64 rounding
+    of |x|^2 - 2 x.c + |c|^2, per unit of |x|^2); dkmeans.compiled evaluates it row by row."""
+    return slack * model.cmax, model.cmax, (model.c64.shape[1] + 4) * 2.0**-53
 
 
 def n_groups(k: int) -> int:
