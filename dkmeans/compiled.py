@@ -478,7 +478,7 @@ def _local_filter(
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def add_rows(chunk, labels, sums):
-    """sums[labels[i]] += chunk[i] for every row, in the accumulators' integer type (kernels.cluster_sums)."""
+    """sums[labels[i]] += chunk[i] for every row, in row order, in the accumulators' type (kernels.cluster_sums)."""
     for i in range(chunk.shape[0]):
         total = sums[labels[i]]
         row = chunk[i]

@@ -277,8 +277,10 @@ def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     cluster's sums in one pass: 2.5-3 ms for 30,000 MNIST rows at k = 10 or
     256. In numpy, one boolean mask per present cluster: 9-26 ms, which beat
     masks over the float rows (1.3-2x), sorting plus np.add.reduceat (2-3x)
-    and a one-hot matrix product (1.5-7x). Float rows always take numpy's
-    masks (their rounding depends on the order of the additions).
+    and a one-hot matrix product (1.5-7x). Float rows are added in float64 in
+    row order either way (numpy's reduction along rows is sequential), so the
+    compiled pass gives numpy's bits: 30,000 float32 MNIST rows in 10-15 ms
+    against 80-90 ms.
     """
     exact = chunk.dtype.kind in "ui" and chunk.dtype.itemsize <= 2
     accumulator = np.float64
@@ -286,11 +288,11 @@ def cluster_sums(chunk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         info = np.iinfo(chunk.dtype)
         fits = chunk.shape[0] * max(abs(int(info.min)), int(info.max)) < 2**31
         accumulator = np.int32 if fits else np.int64
-        fast = _compiled()
-        if fast is not None:
-            sums = np.zeros((k, chunk.shape[1]), dtype=accumulator)
-            fast.add_rows(chunk, np.asarray(labels), sums)
-            return sums.astype(np.float64)
+    fast = _compiled()
+    if fast is not None and (exact or chunk.dtype in (np.float32, np.float64)):
+        sums = np.zeros((k, chunk.shape[1]), dtype=accumulator)
+        fast.add_rows(chunk, np.asarray(labels), sums)
+        return sums.astype(np.float64, copy=False)
     sums = np.zeros((k, chunk.shape[1]), dtype=np.float64)
     for j in np.unique(labels):
         sums[j] = chunk[labels == j].sum(axis=0, dtype=accumulator)

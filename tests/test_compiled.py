@@ -146,6 +146,23 @@ def test_applies_only_to_float32_screening():
     assert not compiled.available(screening.prepare(np.ones((2, 3)), np.dtype(np.float64)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [10, 256])
+def test_float_sums_are_the_numpy_bits(mnist_numpy, dtype, k, monkeypatch):
+    """Compiled float sums add in row order in float64, as numpy's reduction does: the same bits, not just close."""
+    x_train = mnist_numpy[0]
+    chunk = (x_train[:20000] / np.pi).astype(dtype)  # fractional values, so the order of the additions shows
+    chunk[:50] *= 1e7  # large rows next to small ones: any reordering would change the low bits
+    labels = np.random.default_rng(k).integers(0, k, chunk.shape[0]).astype(np.int32)
+    labels[labels == 3] = 4  # an empty cluster
+    fast = kernels.cluster_sums(chunk, labels, k)
+    numpy_path(monkeypatch)
+    slow = kernels.cluster_sums(chunk, labels, k)
+    assert fast.dtype == slow.dtype == np.float64
+    assert np.array_equal(fast, slow)
+    assert not fast[3].any()
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
 @pytest.mark.parametrize("n", [0, 1, 3001, 70000])
 def test_integer_sums_and_norms_equal_the_numpy_ones(dtype, n, monkeypatch):
