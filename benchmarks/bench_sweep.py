@@ -5,7 +5,10 @@ Measures, in one run on one 2-worker LocalCluster (1 thread each):
   sweep       every k of the range fitted together by dkmeans.sweep.elbow (one pass per iteration for all),
   sequential  the same models fitted one after another (skip with --no-sequential).
 Every model uses the same init and seed in all three, and the script checks that the sweep's models are
-bit for bit the lone fits. Usage:
+bit for bit the lone fits. It also prints what sets the ratio: the compute time of the single fit and of
+the sweep (each pass's busiest worker, as the chunk hosts report it), and the work the models must do to
+be identical to their lone fits, in centre-passes (k x passes, summed over the models): the sweep's
+compute grows with that work, and sharing passes saves only what a pass costs beyond its compute. Usage:
 
     DKMEANS_DATA_DIR=../shared/data/mnist python benchmarks/bench_sweep.py --ks 5:20 --init sample
 """
@@ -52,20 +55,29 @@ def main() -> None:
         Client(cluster) as client,
     ):
 
-        def fit_alone(k):
+        def fit_alone(k, compute=None):
+            def progress(iteration, j_clust, shift, seconds, kernel_seconds=None):
+                compute[iteration] = kernel_seconds
+
             start = time.perf_counter()
-            model = KMeans(k, init=args.init, random_state=args.seed, client=client).fit(X)
+            model = KMeans(
+                k, init=args.init, random_state=args.seed, client=client, callback=None if compute is None else progress
+            ).fit(X)
             return model, time.perf_counter() - start
 
         fit_alone(ks[0])  # warm-up: imports, worker start-up, page cache
-        reference, reference_s = fit_alone(args.reference_k)
-        passes = []
+        reference_compute: dict = {}
+        reference, reference_s = fit_alone(args.reference_k, reference_compute)
+        # Every model starts at pass 0 and makes one update a pass until it stops: pass p reports iteration p.
+        sweep_compute: dict = {}
+
+        def progress(k, init, iteration, j_clust, shift, seconds, kernel_seconds=None):
+            sweep_compute[iteration] = kernel_seconds
+
         start = time.perf_counter()
-        points = elbow(
-            X, ks, [args.init], random_state=args.seed, client=client, callback=lambda k, i, it, *_: passes.append(it)
-        )
+        points = elbow(X, ks, [args.init], random_state=args.seed, client=client, callback=progress)
         sweep_s = time.perf_counter() - start
-        n_passes = max(passes) + 1
+        n_passes = max(sweep_compute) + 1
         sequential_s, identical = 0.0, []
         if args.sequential:
             for p in points:
@@ -87,6 +99,21 @@ def main() -> None:
     if args.sequential:
         print(f"sequential / sweep:  {sequential_s / sweep_s:.2f}x")
     print(f"sweep models identical to lone fits: {all(identical)} ({len(identical)} compared)")
+    work = sum(p.k * (p.model.n_iter_ + 1) for p in points)
+    reference_work = args.reference_k * (reference.n_iter_ + 1)
+    print(
+        f"work: {work:,} centre-passes (k x passes, summed over the models) against the single fit's "
+        f"{reference_work:,}: {work / reference_work:.2f}x"
+    )
+    if None in sweep_compute.values() or None in reference_compute.values():
+        print("compute: not reported (the passes ran as tasks, not on chunk hosts)")
+    else:
+        sweep_kernel, reference_kernel = sum(sweep_compute.values()), sum(reference_compute.values())
+        print(
+            f"compute (busiest worker, summed over passes): sweep {sweep_kernel:.2f} s, "
+            f"single {reference_kernel:.2f} s: {sweep_kernel / reference_kernel:.2f}x"
+        )
+        print(f"the rest: sweep {sweep_s - sweep_kernel:.2f} s, single {reference_s - reference_kernel:.2f} s")
 
 
 if __name__ == "__main__":

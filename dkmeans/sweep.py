@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .estimator import KMeans, fit_many
+from .estimator import KMeans, _parameters, fit_many
 from .metrics import accuracy, centroid_labels, predict_labels
 from .seeding import INIT_NAMES
 
@@ -92,7 +92,8 @@ def elbow(
     ...).fit(X)``, but every Lloyd pass reads the data once for all models
     still running. With labels ``y`` (and ``X_test``, ``y_test``) each point
     also gets the majority-vote accuracy. ``callback(k, init, iteration,
-    j_clust, shift, seconds)`` reports every model's every iteration.
+    j_clust, shift, seconds)`` reports every model's every iteration; one that
+    takes ``kernel_seconds`` also learns the pass's compute time (as KMeans's).
     """
     ks = [ks] if isinstance(ks, numbers.Integral) else list(ks)
     if not ks:
@@ -131,4 +132,8 @@ def elbow(
 
 
 def _bind(callback, k, init):
+    if "kernel_seconds" in _parameters(callback):
+        return lambda iteration, j_clust, shift, seconds, kernel_seconds=None: callback(
+            k, init, iteration, j_clust, shift, seconds, kernel_seconds=kernel_seconds
+        )
     return lambda iteration, j_clust, shift, seconds: callback(k, init, iteration, j_clust, shift, seconds)

@@ -201,3 +201,22 @@ def test_labeling_helpers_agree_with_elbow_accuracy(Xs, mnist_numpy, client):
     (point,) = elbow(Xs, [10], ["sample"], y=y, random_state=1, max_iter=20, client=client)
     mapping = centroid_labels(point.model.labels_, y, 10)
     assert point.train_accuracy == accuracy(y, predict_labels(point.model.labels_, mapping))
+
+
+def test_elbow_callback_learns_each_pass_and_its_compute_time_when_it_asks(Xs, client):
+    plain, timed = [], []
+    elbow(Xs, [3, 5], ["sample"], random_state=1, max_iter=6, client=client, callback=lambda *a: plain.append(a))
+    points = elbow(
+        Xs,
+        [3, 5],
+        ["sample"],
+        random_state=1,
+        max_iter=6,
+        client=client,
+        callback=lambda k, init, it, j, shift, seconds, kernel_seconds: timed.append((k, it, seconds, kernel_seconds)),
+    )
+    assert all(len(a) == 6 for a in plain)  # a callback without kernel_seconds keeps its six arguments
+    for p in points:  # every model reports passes 0 .. n_iter_ (its last pass keeps its centres)
+        assert sorted(it for k, it, _, _ in timed if k == p.k) == list(range(p.model.n_iter_ + 1))
+    # in-memory data runs on chunk hosts, which time each pass's compute: positive, within the pass's wall time
+    assert all(kernel is not None and 0 < kernel <= seconds for _, _, seconds, kernel in timed)
