@@ -2,17 +2,11 @@
 
 import numpy as np
 import pytest
+from test_screening import ref_sq_distances  # pytest puts tests/ on sys.path
 
 from dkmeans import kernels
 
 # --- plain numpy references -------------------------------------------------------
-
-
-def ref_sq_distances(x, c):
-    """Squared Euclidean distances the slow, obvious way, in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    c = np.asarray(c, dtype=np.float64)
-    return ((x[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
 
 
 def ref_stats(x, centers):
