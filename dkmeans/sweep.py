@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from .estimator import KMeans, _parameters, fit_many
+from .estimator import KMeans, fit_many
 from .metrics import accuracy, centroid_labels, predict_labels
 from .seeding import INIT_NAMES
 
@@ -107,7 +108,9 @@ def elbow(
     points = []
     for init in inits:
         for k in ks:
-            report = None if callback is None else _bind(callback, k, init)
+            # KMeans passes kernel_seconds (and restart) to a callback whose signature takes them; the
+            # partial shows the caller's own remaining parameters, so it gets what it asks for.
+            report = None if callback is None else functools.partial(callback, k, init)
             model = KMeans(
                 k,
                 init=init,
@@ -129,11 +132,3 @@ def elbow(
             if test is not None:
                 p.test_accuracy = accuracy(y_test, predict_labels(p.model.predict(test), mapping))
     return points
-
-
-def _bind(callback, k, init):
-    if "kernel_seconds" in _parameters(callback):
-        return lambda iteration, j_clust, shift, seconds, kernel_seconds=None: callback(
-            k, init, iteration, j_clust, shift, seconds, kernel_seconds=kernel_seconds
-        )
-    return lambda iteration, j_clust, shift, seconds: callback(k, init, iteration, j_clust, shift, seconds)
