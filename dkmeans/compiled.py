@@ -79,14 +79,14 @@ def bounded_pass(
 def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved, model: screening.Centres):
     """The kernel over the given rows: their new labels and bounds, and the rows it left to float64 (unsure)
     and to the matrix product (dense)."""
-    starts, ends, slack_cmax, cmax, round64 = _screen_terms(model)
+    starts, ends, cross, centre, round64 = _screen_terms(model)
     new_labels = np.empty_like(labels)  # the kernel writes every row's label, upper bound and nearest
     new_upper, new_nearest = np.empty_like(upper), np.empty_like(nearest)
     new_lower, new_stamp = lower.copy(), stamp.copy()
     unsure, dense = np.empty(labels.size, dtype=np.intp), np.empty(labels.size, dtype=np.intp)
     n_unsure, n_dense, n_scores = _kernel(
         chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
-        model.cs, model.sqs, starts, ends, slack_cmax, cmax, round64, screening.BOUND_SLACK, DENSE_SHARE,
+        model.cs, model.sqs, starts, ends, cross, centre, round64, screening.BOUND_SLACK, DENSE_SHARE,
         new_labels, new_upper, new_nearest, new_lower, new_stamp, unsure, dense,
     )  # fmt: skip
     return (
@@ -102,12 +102,12 @@ def bounds_from_products(scores, chunk, rows: screening.RowNorms, idx, model: sc
     2.8-3.3 against 6.5-11 at k=20, 7-10 against 23-29 at k=256 (a dense pass's product itself: 12-111 ms)."""
     if scores.dtype != np.float32:
         return screening.bounds_from_products(scores, chunk, rows, idx, model)
-    starts, ends, slack_cmax, cmax, round64 = _screen_terms(model)
+    starts, ends, cross, centre, round64 = _screen_terms(model)
     n = idx.size
     labels, upper = np.empty(n, dtype=np.int32), np.empty(n)
     lower, unsure = np.empty((n, starts.size), dtype=np.float32), np.empty(n, dtype=np.intp)
     n_unsure = _settle_scores(
-        scores, model.sqs, starts, ends, rows.sq[idx], rows.norm[idx], slack_cmax, cmax, round64,
+        scores, model.sqs, starts, ends, rows.sq[idx], rows.norm[idx], cross, centre, round64,
         labels, upper, lower, unsure,
     )  # fmt: skip
     if n_unsure:
@@ -121,17 +121,17 @@ def _screen_terms(model: screening.Centres):
     screening._error (the bound on a screened score's rounding)."""
     starts = screening.group_starts(model.k).astype(np.intp)
     ends = np.append(starts[1:], model.k).astype(np.intp)
-    return starts, ends, *screening.error_terms(model, model.slack)
+    return starts, ends, *screening.error_terms(model, model.rounding)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _screen_error(x_norm, x_sq, slack_cmax, cmax, round64):
+def _screen_error(x_norm, x_sq, cross, centre, round64):
     """screening._error for one row."""
-    return slack_cmax * (cmax + 2 * x_norm) + round64 * x_sq
+    return cross * x_norm + centre + round64 * x_sq
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, slack_cmax, cmax, round64, labels, upper, lower, unsure):
+def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, cross, centre, round64, labels, upper, lower, unsure):
     """Each row's label (lowest index of the least score), bounds and doubt, from its products x.c; the scores
     -2 x.c + |c|^2 rounded as numpy rounds them. Returns how many rows it left to float64."""
     m, k = products.shape
@@ -158,7 +158,7 @@ def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, slack_cmax, cmax, 
         else:
             lows[:] = scores
             lows[best] = np.inf
-        error = _screen_error(x_norm[i], x_sq[i], slack_cmax, cmax, round64)
+        error = _screen_error(x_norm[i], x_sq[i], cross, centre, round64)
         upper2 = x_sq[i] + np.float64(least) + error
         floor = x_sq[i] - error
         near = np.inf
@@ -320,7 +320,7 @@ def _float32_down(v):
 @njit(cache=True, nogil=True, boundscheck=False)
 def _kernel(
     chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
-    cs, sqs, starts, ends, slack_cmax, cmax, round64, bound_slack,
+    cs, sqs, starts, ends, cross, centre, round64, bound_slack,
     dense_share, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, dense,
 ):  # fmt: skip
     n, d = chunk.shape
@@ -371,7 +371,7 @@ def _kernel(
             out_upper[i] = up
             out_nearest[i] = near
             continue
-        error = _screen_error(x_norm[i], x_sq[i], slack_cmax, cmax, round64)
+        error = _screen_error(x_norm[i], x_sq[i], cross, centre, round64)
         scores[n_batch, own] = np.float32(-2.0) * _dot(chunk[i], cs[own]) + sqs[own]
         n_scores += 1
         up = np.sqrt(max(x_sq[i] + np.float64(scores[n_batch, own]) + error, 0.0))
@@ -484,6 +484,19 @@ def add_rows(chunk, labels, sums):
         row = chunk[i]
         for t in range(row.size):
             total[t] += row[t]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def move_rows(chunk, rows, old_labels, new_labels, sums):
+    """sums[new_labels[i]] += chunk[i] and sums[old_labels[i]] -= chunk[i] for each i in ``rows``, in place
+    (integer sums: exact in any order)."""
+    for i in rows:
+        row = chunk[i]
+        into = sums[new_labels[i]]
+        out = sums[old_labels[i]]
+        for t in range(row.size):
+            into[t] += row[t]
+            out[t] -= row[t]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

@@ -238,6 +238,11 @@ def _sums_from(chunk, norms, labels, k, state) -> np.ndarray:
         return cluster_sums(chunk, labels, k)
     if state is not None and state.sums is not None:
         changed = np.flatnonzero(labels != state.labels)
+        fast = _compiled()
+        if fast is not None and changed.size * 2 < labels.size:  # one pass over the changed rows, one copy
+            sums = state.sums.copy()
+            fast.move_rows(chunk, changed, state.labels, labels, sums)
+            return sums
         if changed.size * 4 < labels.size:
             moved = chunk[changed]
             sums = state.sums + cluster_sums(moved, labels[changed], k).astype(np.int64)

@@ -56,7 +56,7 @@ class Centres:
     cst: np.ndarray  # (d, k) contiguous, for x @ cst
     sqs: np.ndarray  # (k,) squared norms in the screening dtype
     cmax: float  # largest centre norm
-    slack: float  # relative error of a screened score, per unit of cmax * (cmax + 2 |x|)
+    rounding: float  # unit roundoff of the screening dtype (error_terms)
 
     @property
     def k(self) -> int:
@@ -148,22 +148,30 @@ def prepare(centers: np.ndarray, screen: np.dtype) -> Centres:
     cmax = float(np.sqrt(sq64.max())) if sq64.size else 0.0
     if screen == np.float32 and cmax > FLOAT32_SAFE:
         return prepare(centers, np.dtype(np.float64))
-    d = c64.shape[1]
-    # Worst case of a d-term dot product plus the roundings of x, c, |c|^2 and the score itself.
-    slack = (2 * d + 16) * ROUNDING[np.dtype(screen)]
-    return Centres(c64, sq64, cs, np.ascontiguousarray(cs.T), sq64.astype(screen), cmax, slack)
+    screen = np.dtype(screen)
+    return Centres(c64, sq64, cs, np.ascontiguousarray(cs.T), sq64.astype(screen), cmax, ROUNDING[screen])
 
 
-def _error(rows: RowNorms, idx, model: Centres, slack: float) -> np.ndarray:
-    """Bound on the error of a screened squared distance for the given rows."""
-    scaled, cmax, round64 = error_terms(model, slack)
-    return scaled * (cmax + 2 * rows.norm[idx]) + round64 * rows.sq[idx]
+def _error(rows: RowNorms, idx, model: Centres, rounding: float) -> np.ndarray:
+    """Bound on the error of a squared distance computed with unit roundoff ``rounding``, for the given rows."""
+    cross, centre, round64 = error_terms(model, rounding)
+    return cross * rows.norm[idx] + centre + round64 * rows.sq[idx]
 
 
-def error_terms(model: Centres, slack: float):
-    """The terms of _error's bound, slack cmax (cmax + 2 |x|) + round64 |x|^2 (round64: the float64 rounding
-    of |x|^2 - 2 x.c + |c|^2, per unit of |x|^2); dkmeans.compiled evaluates it row by row."""
-    return slack * model.cmax, model.cmax, (model.c64.shape[1] + 4) * 2.0**-53
+def error_terms(model: Centres, rounding: float):
+    """The terms of _error's bound, cross |x| + centre + round64 |x|^2; dkmeans.compiled evaluates it row by row.
+
+    With u = ``rounding`` and c any centre (|c| <= cmax), a score -2 x.c + |c|^2 computed in that precision
+    from rounded x and c (any summation order: Higham's gamma_(d+2) for the dot product), |c|^2 rounded from
+    float64, and one rounding of the sum, is off by at most (2d + 6) u |x||c| + 2u |c|^2 + O(u^2); the
+    margins below cover the O(u^2) terms, the float64 squared norms (d ulps) and the float64 sum
+    |x|^2 + score + error (round64, also covering |x|^2's own rounding). A looser cmax (cmax + 2|x|) scale,
+    used before, left three to four times as many rows to float64 on MNIST (k=256).
+    """
+    d = model.c64.shape[1]
+    cross = (2 * d + 16) * rounding * model.cmax
+    centre = (4 * rounding + (d + 2) * 2.0**-53) * model.cmax**2
+    return cross, centre, (d + 4) * 2.0**-53
 
 
 def n_groups(k: int) -> int:
@@ -224,7 +232,7 @@ def bounds_from_products(scores: np.ndarray, chunk: np.ndarray, rows: RowNorms, 
     scores[at, labels] = np.inf
     others = group_min(scores, model.k)
     x_sq = rows.sq[idx]
-    error = _error(rows, idx, model, model.slack)
+    error = _error(rows, idx, model, model.rounding)
     upper2 = x_sq + best + error
     floor = x_sq - error
     # min over groups commutes with adding the same float64 floor, so this is min(lower2) <= upper2, per row
@@ -243,7 +251,7 @@ def exact_rows(chunk: np.ndarray, rows: RowNorms, idx: np.ndarray, model: Centre
     d2 = _exact_sq_distances(chunk[idx], rows.sq[idx], model)
     labels = np.argmin(d2, axis=1)
     at = np.arange(labels.size)
-    error = _error(rows, idx, model, (2 * model.c64.shape[1] + 16) * 2.0**-53)
+    error = _error(rows, idx, model, ROUNDING[np.dtype(np.float64)])
     upper2 = d2[at, labels] + error
     d2[at, labels] = np.inf
     lower2 = group_min(d2, model.k) - error[:, None]
@@ -406,7 +414,7 @@ def bounds_filter(chunk: np.ndarray, rows: RowNorms, model: Centres, state: Mode
         own = labels[idx]
         xs = chunk[idx].astype(model.cs.dtype, copy=False)
         dots = np.einsum("ij,ij->i", xs, model.cs[own]).astype(np.float64)
-        d2 = rows.sq[idx] - 2 * dots + model.sq64[own] + _error(rows, idx, model, model.slack)
+        d2 = rows.sq[idx] - 2 * dots + model.sq64[own] + _error(rows, idx, model, model.rounding)
         upper[idx] = np.sqrt(np.maximum(d2, 0))
     return moved_state, loose[~(upper[loose] < nearest[loose])]
 

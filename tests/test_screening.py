@@ -96,6 +96,39 @@ def test_huge_values_are_screened_in_float64():
     np.testing.assert_array_equal(labels, ref_sq_distances(x, c).argmin(axis=1))
 
 
+@pytest.mark.parametrize("form", ["uint8", "float32", "float64-shifted", "signed", "wide"])
+def test_screened_scores_stay_within_their_error_bound(rows, mnist_numpy, form):
+    """Every float32 score, from BLAS and from the compiled loop, is within _error of the exact squared distance
+    (computed in extended precision); the bound is also no more than a few thousand times the largest error seen,
+    so a bound that only holds by being huge would fail too."""
+    rng = np.random.default_rng(5)
+    x, c = rows[:400], centres_of(mnist_numpy[0], 64, seed=5)
+    if form == "float32":
+        x, c = (x / 255).astype(np.float32), c / 255
+    elif form == "float64-shifted":
+        x, c = x + 1e4, c + 1e4
+    elif form == "signed":
+        x, c = rng.normal(0, 1e3, (400, 300)), rng.normal(0, 1e3, (64, 300))
+    elif form == "wide":  # more features: the bound grows with d
+        x, c = rng.integers(0, 256, (200, 5000), dtype=np.uint8), rng.uniform(0, 255, (32, 5000))
+    norms = kernels.chunk_norms(x)
+    model = screening.prepare(c, norms.screen)
+    assert model.cs.dtype == np.float32
+    xl, cl = np.asarray(x, dtype=np.longdouble), c.astype(np.longdouble)
+    exact = (xl * xl).sum(axis=1)[:, None] - 2 * np.einsum("ik,jk->ij", xl, cl) + (cl * cl).sum(axis=1)[None, :]
+    error = screening._error(norms, np.arange(len(x)), model, model.rounding)[:, None]
+    blas = np.asarray(x, dtype=np.float32) @ model.cst
+    blas *= -2
+    blas += model.sqs
+    loop = np.empty_like(blas)
+    for i in range(len(x)):
+        compiled._scores(x[i], model.cs, model.sqs, 0, model.k, loop[i])
+    for scores in (blas, loop):
+        off = np.abs(norms.sq[:, None] + scores.astype(np.float64) - exact).astype(np.float64)
+        assert (off <= error).all()
+        assert error.min() <= 5000 * max(off.max(), np.finfo(np.float32).tiny)
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def bounded_path(request, monkeypatch):
     """Run a test with the compiled kernels (dkmeans.compiled), then with the numpy ones."""
