@@ -107,8 +107,12 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         elif X.numblocks[1] != 1:
             X = X.rechunk({1: -1})
         persisted = fits_in_memory(client, X.nbytes)
-        log.debug(placement_message(client, X.nbytes, persisted, regrouped=chunk_rows is None))
-        if persisted and chunk_rows is None:  # in memory, one large chunk per thread costs the least per pass
+        # In memory, one large chunk per thread costs the least per pass. Whole numbers already in the cluster
+        # stay in their chunks, where they are: the chunk hosts join each worker's own (exact sums make the
+        # grouping immaterial), where regrouping rows in order first moved about half of them between workers.
+        regroup = persisted and chunk_rows is None and not _hosts_join(client, X)
+        log.debug(placement_message(client, X.nbytes, persisted, regrouped=regroup))
+        if regroup:
             X = X.rechunk({0: _default_chunk_rows(client, X.shape, X.dtype.itemsize)})
         if persisted:
             keep = client.persist(X)
@@ -171,6 +175,29 @@ class _Loader:
 
     def __call__(self, inputs: dict):
         return self.task(inputs)
+
+
+def _hosts_join(client: Client, X: da.Array) -> bool:
+    """Whether X is already persisted on this cluster, in row chunks of whole numbers whose every partial sum
+    (rows and squared norms alike) is exact in any grouping: then the chunk hosts join the chunks each worker
+    holds (ChunkHosts.open) instead of the rows being regrouped first."""
+    if not hosts_enabled() or X.numblocks[1] != 1 or not exact_in_any_grouping(X.dtype, *X.shape):
+        return False
+    futures = futures_of(X)
+    if {f.key for f in futures} != set(flatten(X.__dask_keys__())):
+        return False
+    return all(f.client is client for f in futures)
+
+
+def exact_in_any_grouping(dtype: np.dtype, n_rows: int, n_features: int) -> bool:
+    """Whether rows of this integer dtype sum exactly in int64 and their squared norms in float64, however the
+    rows are grouped: the largest possible total of squared norms stays below 2**53."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        return False
+    info = np.iinfo(dtype)
+    largest = max(abs(int(info.min)), int(info.max))
+    return n_rows * n_features * largest**2 < 2**53
 
 
 def _default_chunk_rows(client: Client, shape, itemsize: int) -> int:
@@ -579,9 +606,12 @@ class ChunkHosts:
         if not data.blocks or not all(isinstance(b, Future) for b in data.blocks):
             return None
         nthreads = client.nthreads()
-        # The client sends the centres to every host and gets every chunk's partial sums back (no tree of
-        # reductions on the workers, no worker-to-worker broadcast): fine for a few workers, not for a hundred.
-        if (len(nthreads) + data.n_chunks) * n_centres * data.n_features * 8 > HOSTS_MAX_BYTES:
+        join = exact_in_any_grouping(data.dtype, data.n_samples, data.n_features)
+        # The client sends the centres to every host and gets every chunk's (joined block's) partial sums back
+        # (no tree of reductions on the workers, no worker-to-worker broadcast): fine for a few workers, not
+        # for a hundred.
+        parts = min(data.n_chunks, sum(nthreads.values())) if join else data.n_chunks
+        if (len(nthreads) + parts) * n_centres * data.n_features * 8 > HOSTS_MAX_BYTES:
             return None
         # wait() and the actor proxies use the current client, which need not be the default one
         with client.as_current():
@@ -595,6 +625,7 @@ class ChunkHosts:
                     indices,
                     [data.offsets[i] for i in indices],
                     nthreads[worker],
+                    join,
                     *[data.blocks[i] for i in indices],
                     actor=True,
                     workers=[worker],
@@ -721,13 +752,27 @@ def _share_chunks(who_has: dict, keys: list, nthreads: dict) -> dict:
 class _ChunkHost:
     """The actor: a worker's persisted chunks, and a pass over them on as many threads as the worker has.
 
+    With ``join`` (whole numbers, exact in any grouping: exact_in_any_grouping), the chunks are first joined
+    into one block per thread: a pass's cost per chunk (preparing the centres, the kernels' set-up, one
+    partial to send) is then paid once per thread, and the rows need not be contiguous. A joined block's
+    state is filed under ("joined", first chunk index), which no chunk task looks up.
     (Dask runs an actor's methods on one thread of their own; the kernels release the GIL.)
     """
 
-    def __init__(self, indices, offsets, nthreads, *blocks):
+    def __init__(self, indices, offsets, nthreads, join, *blocks):
         self.chunks = list(zip(indices, offsets, blocks))
+        self.joined: dict = {}  # a joined block's index: the chunks it holds, as (index, rows)
+        if join and len(self.chunks) > nthreads:
+            self.chunks = [self._join(group) for group in _split_evenly(self.chunks, nthreads)]
         threads = min(nthreads, len(self.chunks))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dkmeans-host") if threads > 1 else None
+
+    def _join(self, group: list) -> tuple:
+        if len(group) == 1:
+            return group[0]
+        index = ("joined", group[0][0])
+        self.joined[index] = [(i, block.shape[0]) for i, _, block in group]
+        return index, group[0][1], np.concatenate([block for _, _, block in group])
 
     def run(self, func, args):
         """[(chunk index, func's partial)] for every chunk here, and the seconds they took."""
@@ -739,11 +784,23 @@ class _ChunkHost:
         return [(index, _narrowed(part)) for (index, _, _), part in zip(self.chunks, parts)], seconds
 
     def held_labels(self, fit, model, digest) -> dict:
-        return _held_labels(fit, model, digest)
+        held = _held_labels(fit, model, digest)
+        for index, parts in self.joined.items():
+            if index in held:
+                ends = np.cumsum([rows for _, rows in parts])
+                held.update(zip([i for i, _ in parts], np.split(held.pop(index), ends[:-1])))
+        return held
 
     def __del__(self):
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
+def _split_evenly(items: list, n: int) -> list[list]:
+    """``items`` (chunks) in at most n consecutive runs of about equal rows."""
+    rows = np.cumsum([block.shape[0] for _, _, block in items])
+    cuts = np.searchsorted(rows, rows[-1] * np.arange(1, n) / n, side="right")
+    return [[items[i] for i in run] for run in np.split(np.arange(len(items)), cuts) if run.size]
 
 
 def _narrowed(part):

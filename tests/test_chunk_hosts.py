@@ -50,6 +50,65 @@ def test_hosted_passes_equal_passes_of_tasks_to_the_last_bit(client, mnist_numpy
     assert {"dkmeans-assign", "dkmeans-labels"} <= task_names and "dkmeans-host" not in task_names, task_names
 
 
+def test_persisted_whole_numbers_stay_in_their_chunks_and_hosts_join_them(client, mnist_numpy):
+    """uint8 rows a user persisted in 10 chunks are not regrouped (no rows move between workers): each host
+    joins the chunks its worker holds. The fit equals, bit for bit, the one on the same rows regrouped in
+    order and the one in tasks; float rows persisted the same way are still regrouped."""
+    import dask.array as da
+    from distributed import wait
+
+    X = mnist_numpy[0][:24000]
+    init = X[np.random.default_rng(4).choice(X.shape[0], 40, replace=False)].astype(np.float64)
+    persisted = client.persist(da.from_array(X, chunks=(2400, 784)))
+    wait(persisted)
+    data = engine.chunk_data(client, persisted)
+    assert data.n_chunks == 10 and [b.key for b in data.blocks] == [f.key for f in client.futures_of(persisted)]
+    regrouped = engine.chunk_data(client, da.from_array(X, chunks=(2400, 784)))
+    assert regrouped.n_chunks == 2  # one per worker thread
+    hosts = engine.ChunkHosts.open(client, data, 40)
+    keys = [f.key for f in hosts._futures]
+    joined = client.run(
+        lambda dask_worker: [dask_worker.state.actors[k].joined for k in keys if k in dask_worker.state.actors]
+    )
+    blocks = [parts for per_host in joined.values() for h in per_host for parts in h.values()]
+    assert len(blocks) == 2 and sorted(i for parts in blocks for i, _ in parts) == list(range(10))
+    hosts.close()
+
+    joined, reports, names = _fit(client, data, init, True, True)
+    in_order, _, _ = _fit(client, regrouped, init, True, True)
+    tasks, _, _ = _fit(client, data, init, False, True)
+    assert all(r.kernel_seconds is not None for r in reports) and "dkmeans-labels" not in names
+    for other in (in_order, tasks):
+        np.testing.assert_array_equal(joined.centers, other.centers)
+        np.testing.assert_array_equal(joined.labels, other.labels)
+        assert joined.loss_history == other.loss_history and joined.inertia == other.inertia
+
+    floats = client.persist(da.from_array(X / 255.0, chunks=(2400, 784)))
+    wait(floats)
+    assert engine.chunk_data(client, floats).n_chunks < 10  # regrouped: float sums depend on their grouping
+
+
+def test_only_small_integers_with_exact_totals_are_joined():
+    assert engine.exact_in_any_grouping(np.uint8, 60_000_000, 784)
+    assert not engine.exact_in_any_grouping(np.uint8, 200_000_000, 784)  # squared norms past 2**53
+    assert engine.exact_in_any_grouping(np.int16, 10_000, 784)
+    assert not engine.exact_in_any_grouping(np.int16, 1_000_000, 784)
+    assert not engine.exact_in_any_grouping(np.float32, 10, 784)
+    assert not engine.exact_in_any_grouping(np.int32, 10, 784)
+
+
+def test_a_host_joins_its_chunks_into_one_run_per_thread():
+    chunks = [(i, 100 * i, np.full((rows, 2), i, dtype=np.uint8)) for i, rows in enumerate([6, 6, 6, 6, 6])]
+    assert [[i for i, _, _ in run] for run in engine._split_evenly(chunks, 2)] == [[0, 1], [2, 3, 4]]
+    assert [[i for i, _, _ in run] for run in engine._split_evenly(chunks, 1)] == [[0, 1, 2, 3, 4]]
+    assert len(engine._split_evenly(chunks[:1], 3)) == 1
+    host = engine._ChunkHost([0, 1, 2, 3, 4], [0, 6, 12, 18, 24], 2, True, *[b for _, _, b in chunks])
+    assert [(index, block.shape[0]) for index, _, block in host.chunks] == [(("joined", 0), 12), (("joined", 2), 18)]
+    assert host.joined == {("joined", 0): [(0, 6), (1, 6)], ("joined", 2): [(2, 6), (3, 6), (4, 6)]}
+    alone = engine._ChunkHost([0, 1], [0, 6], 2, True, *[b for _, _, b in chunks[:2]])
+    assert [index for index, _, _ in alone.chunks] == [0, 1] and not alone.joined  # a chunk per thread already
+
+
 def test_chunks_are_shared_by_threads_and_moved_only_when_a_worker_has_too_many():
     keys = ["a", "b", "c", "d", "e", "f"]
     # All on one worker: half of them go to the other.
