@@ -531,7 +531,9 @@ def part_memory(args, mnist):
         sampler.stop.set()
         sampler.join()
         hwm = {w: _hwm(pid) if hwm_ok else None for w, pid in pids.items()}
-    rows = n // len(pids)  # in memory the engine regroups the data into one chunk per worker thread
+    # In memory, the engine regroups the data into one chunk per worker thread, or (whole numbers already
+    # persisted, as here) the chunk hosts join each worker's chunks into one: either way at most one copy.
+    rows = n // len(pids)
     tile = dk_kernels.TILE_ELEMENTS
     kd = k * d * 8  # one k x d 8-byte array: centres, or one chunk's partial sums
     groups = dk_screening.n_groups(k)
@@ -542,8 +544,8 @@ def part_memory(args, mnist):
     )
     for w in pids:
         peak = max(sampler.peak[w], hwm[w] or 0)
-        # What a fit adds to a worker, at most: regrouping its rows into one chunk (the pieces and the joined
-        # copy), six tile-sized 8-byte temporaries, one block of float32 products, the per-row state (int32 label
+        # What a fit adds to a worker, at most: regrouping or joining its rows into one chunk (the pieces and the
+        # joined copy), six tile-sized 8-byte temporaries, one block of float32 products, the per-row state (int32 label
         # and bound stamp, float64 upper bound and bound for all other centres, float32 lower bound per group,
         # float64 squared norm and norm), seven k x d arrays (float64 centres
         # and their two float32 copies, the sums as float64 and int64, the previous pass's sums kept in the
