@@ -98,8 +98,12 @@ class ChunkedData:
         return self.n_samples * self.n_features * self.dtype.itemsize
 
 
-def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
-    """Make row chunks of X on the cluster; persist them when they fit in worker memory."""
+def chunk_data(client: Client, X, chunk_rows: int | None = None, n_centres: int | None = None) -> ChunkedData:
+    """Make row chunks of X on the cluster; persist them when they fit in worker memory.
+
+    ``n_centres``, the centres a pass will carry (every model's), lets whole numbers already persisted stay in
+    their chunks when chunk hosts will take the passes (_hosts_join).
+    """
     per_task = 1
     if isinstance(X, da.Array):
         if chunk_rows is not None:
@@ -110,7 +114,7 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None) -> ChunkedData:
         # In memory, one large chunk per thread costs the least per pass. Whole numbers already in the cluster
         # stay in their chunks, where they are: the chunk hosts join each worker's own (exact sums make the
         # grouping immaterial), where regrouping rows in order first moved about half of them between workers.
-        regroup = persisted and chunk_rows is None and not _hosts_join(client, X)
+        regroup = persisted and chunk_rows is None and not _hosts_join(client, X, n_centres)
         log.debug(placement_message(client, X.nbytes, persisted, regrouped=regroup))
         if regroup:
             X = X.rechunk({0: _default_chunk_rows(client, X.shape, X.dtype.itemsize)})
@@ -177,11 +181,17 @@ class _Loader:
         return self.task(inputs)
 
 
-def _hosts_join(client: Client, X: da.Array) -> bool:
+def _hosts_join(client: Client, X: da.Array, n_centres: int | None) -> bool:
     """Whether X is already persisted on this cluster, in row chunks of whole numbers whose every partial sum
-    (rows and squared norms alike) is exact in any grouping: then the chunk hosts join the chunks each worker
-    holds (ChunkHosts.open) instead of the rows being regrouped first."""
-    if not hosts_enabled() or X.numblocks[1] != 1 or not exact_in_any_grouping(X.dtype, *X.shape):
+    (rows and squared norms alike) is exact in any grouping, and chunk hosts will carry passes over
+    ``n_centres``: then they join the chunks each worker holds (ChunkHosts.open) instead of the rows being
+    regrouped first. (Passes in tasks keep to one chunk per thread: more would mean more tasks, and more
+    k x d partials and states on each worker.)"""
+    if n_centres is None or not hosts_enabled() or X.numblocks[1] != 1:
+        return False
+    if not exact_in_any_grouping(X.dtype, *X.shape):
+        return False
+    if not hosts_carry(client, min(X.numblocks[0], sum(client.nthreads().values())), n_centres, X.shape[1]):
         return False
     futures = futures_of(X)
     if {f.key for f in futures} != set(flatten(X.__dask_keys__())):
@@ -607,11 +617,8 @@ class ChunkHosts:
             return None
         nthreads = client.nthreads()
         join = exact_in_any_grouping(data.dtype, data.n_samples, data.n_features)
-        # The client sends the centres to every host and gets every chunk's (joined block's) partial sums back
-        # (no tree of reductions on the workers, no worker-to-worker broadcast): fine for a few workers, not
-        # for a hundred.
         parts = min(data.n_chunks, sum(nthreads.values())) if join else data.n_chunks
-        if (len(nthreads) + parts) * n_centres * data.n_features * 8 > HOSTS_MAX_BYTES:
+        if not hosts_carry(client, parts, n_centres, data.n_features):
             return None
         # wait() and the actor proxies use the current client, which need not be the default one
         with client.as_current():
@@ -703,6 +710,15 @@ class ChunkHosts:
         """Release the actors (no round trip: this also runs when the scheduler is gone)."""
         self.actors = []
         self._futures = []
+
+
+def hosts_carry(client: Client, n_parts: int, n_centres: int, n_features: int) -> bool:
+    """Whether chunk hosts may take passes over ``n_centres`` centres with ``n_parts`` partials coming back.
+
+    The client sends the centres to every host and gets every part's sums back (no tree of reductions on the
+    workers, no worker-to-worker broadcast): fine for a few workers, not for a hundred (HOSTS_MAX_BYTES).
+    """
+    return (len(client.nthreads()) + n_parts) * n_centres * n_features * 8 <= HOSTS_MAX_BYTES
 
 
 def _reaches_workers(client: Client, workers: list) -> bool:

@@ -122,7 +122,7 @@ class KMeans:
             entropy = None
             seeds = _restart_seeds(self.random_state, n_init)
         with _client(self.client) as client, span("dkmeans-fit") as span_id:
-            data = chunk_data(client, X, self.chunk_rows)
+            data = chunk_data(client, X, self.chunk_rows, self.n_clusters)
             try:
                 best = self._fit_restarts(client, data, init, seeds, ckpt, state, entropy)
             except Exception as exc:
@@ -306,7 +306,8 @@ def fit_many(models, X, *, client: Client | None = None) -> list:
     owners = [i for i, s in enumerate(seeds) for _ in s]
     # One named span per fit: the dashboard groups its tasks, and span_id_ finds it in the scheduler.
     with _client(client if client is not None else models[0].client) as client, span("dkmeans-fit") as span_id:
-        data = chunk_data(client, X, chunk_rows.pop())
+        n_centres = sum(model.n_clusters * len(restarts) for model, restarts in zip(models, seeds))
+        data = chunk_data(client, X, chunk_rows.pop(), n_centres)
         requests = [
             (model.n_clusters, init, np.random.default_rng(seed)) if isinstance(init, str) else init
             for model, init, restarts in zip(models, inits, seeds)

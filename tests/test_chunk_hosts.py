@@ -61,10 +61,14 @@ def test_persisted_whole_numbers_stay_in_their_chunks_and_hosts_join_them(client
     init = X[np.random.default_rng(4).choice(X.shape[0], 40, replace=False)].astype(np.float64)
     persisted = client.persist(da.from_array(X, chunks=(2400, 784)))
     wait(persisted)
-    data = engine.chunk_data(client, persisted)
+    data = engine.chunk_data(client, persisted, n_centres=40)
     assert data.n_chunks == 10 and [b.key for b in data.blocks] == [f.key for f in client.futures_of(persisted)]
-    regrouped = engine.chunk_data(client, da.from_array(X, chunks=(2400, 784)))
+    regrouped = engine.chunk_data(client, da.from_array(X, chunks=(2400, 784)), n_centres=40)
     assert regrouped.n_chunks == 2  # one per worker thread
+    # Past what hosts carry (HOSTS_MAX_BYTES), passes go in tasks, which keep to one chunk per thread.
+    too_many = engine.HOSTS_MAX_BYTES // (4 * 784 * 8) + 1
+    assert engine.chunk_data(client, persisted, n_centres=too_many).n_chunks == 2
+    assert engine.chunk_data(client, persisted).n_chunks == 2  # nothing said of the centres
     hosts = engine.ChunkHosts.open(client, data, 40)
     keys = [f.key for f in hosts._futures]
     joined = client.run(
@@ -85,7 +89,29 @@ def test_persisted_whole_numbers_stay_in_their_chunks_and_hosts_join_them(client
 
     floats = client.persist(da.from_array(X / 255.0, chunks=(2400, 784)))
     wait(floats)
-    assert engine.chunk_data(client, floats).n_chunks < 10  # regrouped: float sums depend on their grouping
+    assert engine.chunk_data(client, floats, n_centres=40).n_chunks < 10  # float sums depend on their grouping
+
+
+def test_kmeans_on_persisted_whole_numbers_joins_them_and_gives_the_same_fit(client, mnist_numpy, monkeypatch):
+    """KMeans tells chunk_data its centres: a persisted uint8 array is joined on the hosts, and the fit is the
+    one on the same rows as a numpy array (regrouped), bit for bit."""
+    import dask.array as da
+    from distributed import wait
+
+    from dkmeans import KMeans
+
+    X = mnist_numpy[0][:12000]
+    persisted = client.persist(da.from_array(X, chunks=(1500, 784)))
+    wait(persisted)
+    seen = []
+    real = engine.chunk_data
+    monkeypatch.setattr("dkmeans.estimator.chunk_data", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    joined = KMeans(12, init="sample", random_state=2, max_iter=15, tol=0, client=client).fit(persisted)
+    alone = KMeans(12, init="sample", random_state=2, max_iter=15, tol=0, client=client).fit(X)
+    assert [data.n_chunks for data in seen] == [8, 2]
+    np.testing.assert_array_equal(joined.cluster_centers_, alone.cluster_centers_)
+    np.testing.assert_array_equal(joined.labels_, alone.labels_)
+    assert joined.inertia_ == alone.inertia_ and joined.n_iter_ == alone.n_iter_
 
 
 def test_only_small_integers_with_exact_totals_are_joined():
