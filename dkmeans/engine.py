@@ -191,7 +191,7 @@ def _hosts_join(client: Client, X: da.Array, n_centres: int | None) -> bool:
         return False
     if not exact_in_any_grouping(X.dtype, *X.shape):
         return False
-    if not hosts_carry(client, min(X.numblocks[0], sum(client.nthreads().values())), n_centres, X.shape[1]):
+    if not hosts_carry(client, X.numblocks[0], True, n_centres, X.shape[1]):
         return False
     futures = futures_of(X)
     if {f.key for f in futures} != set(flatten(X.__dask_keys__())):
@@ -617,8 +617,7 @@ class ChunkHosts:
             return None
         nthreads = client.nthreads()
         join = exact_in_any_grouping(data.dtype, data.n_samples, data.n_features)
-        parts = min(data.n_chunks, sum(nthreads.values())) if join else data.n_chunks
-        if not hosts_carry(client, parts, n_centres, data.n_features):
+        if not hosts_carry(client, data.n_chunks, join, n_centres, data.n_features):
             return None
         # wait() and the actor proxies use the current client, which need not be the default one
         with client.as_current():
@@ -712,13 +711,16 @@ class ChunkHosts:
         self._futures = []
 
 
-def hosts_carry(client: Client, n_parts: int, n_centres: int, n_features: int) -> bool:
-    """Whether chunk hosts may take passes over ``n_centres`` centres with ``n_parts`` partials coming back.
+def hosts_carry(client: Client, n_chunks: int, join: bool, n_centres: int, n_features: int) -> bool:
+    """Whether chunk hosts may take passes over ``n_centres`` centres for ``n_chunks`` chunks (joined into one
+    block per worker thread with ``join``), each chunk or block sending its partial sums back.
 
     The client sends the centres to every host and gets every part's sums back (no tree of reductions on the
     workers, no worker-to-worker broadcast): fine for a few workers, not for a hundred (HOSTS_MAX_BYTES).
     """
-    return (len(client.nthreads()) + n_parts) * n_centres * n_features * 8 <= HOSTS_MAX_BYTES
+    nthreads = client.nthreads()
+    parts = min(n_chunks, sum(nthreads.values())) if join else n_chunks
+    return (len(nthreads) + parts) * n_centres * n_features * 8 <= HOSTS_MAX_BYTES
 
 
 def _reaches_workers(client: Client, workers: list) -> bool:
