@@ -17,9 +17,17 @@ time, so each centre read from cache serves several rows. The screened
 distances, their error bounds, the state's layout and the rows left to
 float64 are exactly screening's, so both paths give the same labels and
 bounds (tests/test_compiled.py).
+
+The products skip the block's rare columns (ColumnSplit): a column that is
+zero in most rows (an MNIST border pixel) costs a multiply-add per row and
+centre in a dense product, but only per non-zero when taken from a list.
+Zeros add nothing, and the error bound holds for any summation order, so the
+products stay within the same bound.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -42,6 +50,129 @@ BATCH_ROWS = 256
 # random start, two runs each: k=64 0.48 s at 0.5 against 0.50-0.51 s at 0.8; k=10 and k=256 the same either way.
 SAMPLE_EVERY = 16
 DENSE_PASS = 0.5
+# A block's column is rare when at most RARE_SHARE of its rows are non-zero there. The split is made when the
+# products' estimated cost, d_core + RARE_COST x (rare non-zeros a row), falls to SPLIT_GAIN x d or less. In
+# the local filter a rare non-zero costs about RARE_COST times a dense column (9 ns against 0.3 ns for a group of
+# 8 centres); in BLAS about 5 times. 30,000 MNIST rows, k=256, one thread, the bounded passes 3-20 of a fit
+# replayed, and a dense pass: 701-772 and 151-155 ms unsplit; at 0.005 (523 dense columns) 609-628 and 110-116
+# ms, 0.02 (458) 587-626 and 104-107 ms, 0.05 (395) 621-773 and 94-103 ms, 0.1 (343) 698-801 and 91-96 ms.
+RARE_SHARE = 0.02
+RARE_COST = 30.0
+SPLIT_GAIN = 0.8
+
+
+@dataclass
+class ColumnSplit:
+    """A block's rows as the screening products read them: its common columns dense, its rare ones as lists.
+
+    Built once per block (split_columns) and kept with its RowNorms; the block itself still serves the float64
+    distances and the sums.
+    """
+
+    core: np.ndarray  # (n, d_core) the block's common columns, in its dtype, C-contiguous
+    core_columns: np.ndarray  # intp, ascending
+    rare_columns: np.ndarray  # intp, ascending
+    ptr: np.ndarray  # int64 (n + 1): row i's rare non-zeros are entries ptr[i] to ptr[i + 1]
+    rare: np.ndarray  # int32: each entry's position in rare_columns
+    values: np.ndarray  # each entry, in the screening dtype (rounded as the screening rounds the rows)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.core, self.core_columns, self.rare_columns, self.ptr, self.rare, self.values)
+        return sum(a.nbytes for a in parts)
+
+    def take(self, at: np.ndarray) -> ColumnSplit:
+        """The split of rows ``at`` alone."""
+        starts, lengths = self.ptr[at], self.ptr[at + 1] - self.ptr[at]
+        ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        entries = np.repeat(starts - ptr[:-1], lengths) + np.arange(ptr[-1])
+        return ColumnSplit(
+            self.core[at], self.core_columns, self.rare_columns, ptr, self.rare[entries], self.values[entries]
+        )
+
+    def centres(self, cst: np.ndarray) -> tuple:
+        """The products' centres (d, k), as products takes them: their common rows, then their rare rows."""
+        return cst[self.core_columns], cst[self.rare_columns]
+
+    def products(self, rows, centres: tuple, out: np.ndarray) -> None:
+        """out = x @ cst for the block's rows ``rows`` (a slice or indices), x rounded to cst's dtype; ``centres``
+        is centres(cst)."""
+        core, rare = centres
+        np.matmul(self.core[rows].astype(core.dtype, copy=False), core, out=out)
+        index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        _add_rare_rows(self.ptr, self.rare, self.values.astype(rare.dtype, copy=False), rare, index, out)
+
+
+def split_columns(chunk: np.ndarray, screen: np.dtype) -> ColumnSplit | None:
+    """The block's ColumnSplit, or None where it would not make the products cheaper (see SPLIT_GAIN)."""
+    n, d = chunk.shape
+    if not n or not d:
+        return None
+    counts = np.zeros(d, dtype=np.int64)
+    _nonzero_counts(chunk, counts)
+    rare = counts <= RARE_SHARE * n
+    if (d - rare.sum() + RARE_COST * counts[rare].sum() / n) > SPLIT_GAIN * d:
+        return None
+    core_columns, rare_columns = np.flatnonzero(~rare), np.flatnonzero(rare)
+    core = np.empty((n, core_columns.size), dtype=chunk.dtype)
+    ptr = np.empty(n + 1, dtype=np.int64)
+    entries = int(counts[rare].sum())
+    positions, values = np.empty(entries, dtype=np.int32), np.empty(entries, dtype=screen)
+    _split_rows(chunk, core_columns, rare_columns, core, ptr, positions, values)
+    return ColumnSplit(core, core_columns, rare_columns, ptr, positions, values)
+
+
+def _layout(chunk, split: ColumnSplit | None, model: screening.Centres) -> tuple:
+    """What the compiled loops score from: the rows' dense columns and those centres' columns, then the rows'
+    rare non-zeros (ptr, positions, values) and the centres' rare columns, transposed (none without a split)."""
+    if split is None:
+        none = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
+        empty = np.empty((0, model.k), dtype=model.cs.dtype)
+        return chunk, model.cs, none, np.empty(0, dtype=np.int32), np.empty(0, dtype=model.cs.dtype), empty
+    cc = np.ascontiguousarray(model.cs[:, split.core_columns])
+    values = split.values.astype(model.cs.dtype, copy=False)
+    return split.core, cc, split.ptr, split.rare, values, model.cst[split.rare_columns]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _nonzero_counts(chunk, counts):
+    for i in range(chunk.shape[0]):
+        row = chunk[i]
+        for t in range(row.size):
+            if row[t] != 0:
+                counts[t] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _split_rows(chunk, core_columns, rare_columns, core, ptr, positions, values):
+    """core[i] = chunk[i, core_columns]; row i's non-zeros among ``rare_columns`` into entries ptr[i]:ptr[i + 1]."""
+    p = 0
+    for i in range(chunk.shape[0]):
+        row = chunk[i]
+        out = core[i]
+        for c in range(core_columns.size):
+            out[c] = row[core_columns[c]]
+        ptr[i] = p
+        for r in range(rare_columns.size):
+            v = row[rare_columns[r]]
+            if v != 0:
+                positions[p] = r
+                values[p] = v
+                p += 1
+    ptr[chunk.shape[0]] = p
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _add_rare_rows(ptr, positions, values, cr, rows, out):
+    """out[r] += row rows[r]'s rare non-zeros times the centres' rare columns ``cr`` (d_rare, k)."""
+    for r in range(rows.size):
+        i = rows[r]
+        o = out[r]
+        for p in range(ptr[i], ptr[i + 1]):
+            v = values[p]
+            c = cr[positions[p]]
+            for j in range(o.size):
+                o[j] += v * c[j]
 
 
 def available(model: screening.Centres) -> bool:
@@ -65,8 +196,8 @@ def bounded_pass(
     if state.drift.shape[0] == 1 and _mostly_dense(chunk, rows, model, state, drifted, moved):
         return None, state.labels.size * model.k
     labels, upper, nearest, new_lower, new_stamp, unsure, dense, n_scores = _filtered(
-        chunk, rows.sq, rows.norm, state.labels, state.upper, state.nearest, drifted.lower, drifted.stamp,
-        drifted.drift, moved, model,
+        _layout(chunk, rows.columns, model), rows.sq, rows.norm, state.labels, state.upper, state.nearest,
+        drifted.lower, drifted.stamp, drifted.drift, moved, model,
     )  # fmt: skip
     new = screening.ModelState(model.c64, labels, upper, nearest, new_lower, new_stamp, drifted.drift, state.sums)
     if unsure.size:
@@ -76,17 +207,17 @@ def bounded_pass(
     return new, n_scores + (unsure.size + dense.size) * model.k
 
 
-def _filtered(chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved, model: screening.Centres):
-    """The kernel over the given rows: their new labels and bounds, and the rows it left to float64 (unsure)
-    and to the matrix product (dense)."""
+def _filtered(layout, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved, model: screening.Centres):
+    """The kernel over the given rows (their _layout): their new labels and bounds, and the rows it left to
+    float64 (unsure) and to the matrix product (dense)."""
     starts, ends, cross, centre, round64 = _screen_terms(model)
     new_labels = np.empty_like(labels)  # the kernel writes every row's label, upper bound and nearest
     new_upper, new_nearest = np.empty_like(upper), np.empty_like(nearest)
     new_lower, new_stamp = lower.copy(), stamp.copy()
     unsure, dense = np.empty(labels.size, dtype=np.intp), np.empty(labels.size, dtype=np.intp)
     n_unsure, n_dense, n_scores = _kernel(
-        chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
-        model.cs, model.sqs, starts, ends, cross, centre, round64, screening.BOUND_SLACK, DENSE_SHARE,
+        *layout, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
+        model.sqs, starts, ends, cross, centre, round64, screening.BOUND_SLACK, DENSE_SHARE,
         new_labels, new_upper, new_nearest, new_lower, new_stamp, unsure, dense,
     )  # fmt: skip
     return (
@@ -200,8 +331,9 @@ def _mostly_dense(chunk, rows, model, state, drifted, moved) -> bool:
     if state.labels.size < SAMPLE_EVERY * 64:
         return False
     at = np.arange(0, state.labels.size, SAMPLE_EVERY)
+    layout = _layout(chunk[at], None, model) if rows.columns is None else _layout(None, rows.columns.take(at), model)
     dense = _filtered(
-        chunk[at], rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at],
+        layout, rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at],
         drifted.lower[at], drifted.stamp[at], drifted.drift, moved, model,
     )[6]  # fmt: skip
     return dense.size > DENSE_PASS * at.size
@@ -215,8 +347,8 @@ def _overwrite(state: screening.ModelState, which, labels, upper, lower) -> None
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
-def _scores(row, cs, sqs, start, stop, scores):
-    """Screened scores |c|^2 - 2 x.c of centres start..stop-1, up to four centres per sweep of the row.
+def _dots(row, cs, start, stop, out):
+    """x.c of centres start..stop-1 into out, up to four centres per sweep of the row.
 
     The row is converted to float32 as it is read (the screening's rounding of x), so stored integers
     never take a float copy.
@@ -234,10 +366,10 @@ def _scores(row, cs, sqs, start, stop, scores):
             a1 += v * cs[j + 1, t]
             a2 += v * cs[j + 2, t]
             a3 += v * cs[j + 3, t]
-        scores[j] = np.float32(-2.0) * a0 + sqs[j]
-        scores[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
-        scores[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
-        scores[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
+        out[j] = a0
+        out[j + 1] = a1
+        out[j + 2] = a2
+        out[j + 3] = a3
         j += 4
     if j + 2 <= stop:
         a0 = np.float32(0.0)
@@ -246,16 +378,16 @@ def _scores(row, cs, sqs, start, stop, scores):
             v = np.float32(row[t])
             a0 += v * cs[j, t]
             a1 += v * cs[j + 1, t]
-        scores[j] = np.float32(-2.0) * a0 + sqs[j]
-        scores[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
+        out[j] = a0
+        out[j + 1] = a1
         j += 2
     if j < stop:
-        scores[j] = np.float32(-2.0) * _dot(row, cs[j]) + sqs[j]
+        out[j] = _dot(row, cs[j])
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
 def _dot(x, c):
-    """x.c with x converted to float32 as it is read: one centre, a third faster than _scores' general loop."""
+    """x.c with x converted to float32 as it is read: one centre, a third faster than _dots' general loop."""
     a = np.float32(0.0)
     for t in range(x.size):
         a += np.float32(x[t]) * c[t]
@@ -263,8 +395,8 @@ def _dot(x, c):
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
-def _scores_pair(x0, x1, cs, sqs, start, stop, s0, s1):
-    """_scores of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
+def _dots_pair(x0, x1, cs, start, stop, s0, s1):
+    """_dots of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
     d = x0.size
     j = start
     while j + 4 <= stop:
@@ -287,14 +419,14 @@ def _scores_pair(x0, x1, cs, sqs, start, stop, s0, s1):
             b1 += v * cs[j + 1, t]
             b2 += v * cs[j + 2, t]
             b3 += v * cs[j + 3, t]
-        s0[j] = np.float32(-2.0) * a0 + sqs[j]
-        s0[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
-        s0[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
-        s0[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
-        s1[j] = np.float32(-2.0) * b0 + sqs[j]
-        s1[j + 1] = np.float32(-2.0) * b1 + sqs[j + 1]
-        s1[j + 2] = np.float32(-2.0) * b2 + sqs[j + 2]
-        s1[j + 3] = np.float32(-2.0) * b3 + sqs[j + 3]
+        s0[j] = a0
+        s0[j + 1] = a1
+        s0[j + 2] = a2
+        s0[j + 3] = a3
+        s1[j] = b0
+        s1[j + 1] = b1
+        s1[j + 2] = b2
+        s1[j + 3] = b3
         j += 4
     while j < stop:
         a0 = np.float32(0.0)
@@ -302,9 +434,29 @@ def _scores_pair(x0, x1, cs, sqs, start, stop, s0, s1):
         for t in range(d):
             a0 += np.float32(x0[t]) * cs[j, t]
             b0 += np.float32(x1[t]) * cs[j, t]
-        s0[j] = np.float32(-2.0) * a0 + sqs[j]
-        s1[j] = np.float32(-2.0) * b0 + sqs[j]
+        s0[j] = a0
+        s1[j] = b0
         j += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _rare_then_scores(ptr, positions, values, cr, i, sqs, start, stop, out):
+    """Row i's dots with centres start..stop-1 (out, from its dense columns) completed by its rare non-zeros,
+    then turned into the screened scores |c|^2 - 2 x.c (-2 x.c is exact: one rounding, as numpy's)."""
+    for p in range(ptr[i], ptr[i + 1]):
+        v = values[p]
+        c = cr[positions[p]]
+        for j in range(start, stop):
+            out[j] += v * c[j]
+    for j in range(start, stop):
+        out[j] = np.float32(-2.0) * out[j] + sqs[j]
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def score_row(core, cc, ptr, positions, values, cr, i, sqs, start, stop, out):
+    """Screened scores of row i against centres start..stop-1, from a _layout (what the local filter computes)."""
+    _dots(core[i], cc, start, stop, out)
+    _rare_then_scores(ptr, positions, values, cr, i, sqs, start, stop, out)
 
 
 @njit(cache=True, nogil=True)
@@ -319,12 +471,12 @@ def _float32_down(v):
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _kernel(
-    chunk, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
-    cs, sqs, starts, ends, cross, centre, round64, bound_slack,
+    core, cc, ptr, positions, values, cr, x_sq, x_norm, labels, upper, nearest, lower, stamp, drift, moved,
+    sqs, starts, ends, cross, centre, round64, bound_slack,
     dense_share, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, dense,
 ):  # fmt: skip
-    n, d = chunk.shape
-    k = cs.shape[0]
+    n = core.shape[0]
+    k = cc.shape[0]
     n_groups = starts.size
     now = drift.shape[0] - 1
     grow = 1.0 + bound_slack
@@ -372,7 +524,8 @@ def _kernel(
             out_nearest[i] = near
             continue
         error = _screen_error(x_norm[i], x_sq[i], cross, centre, round64)
-        scores[n_batch, own] = np.float32(-2.0) * _dot(chunk[i], cs[own]) + sqs[own]
+        scores[n_batch, own] = _dot(core[i], cc[own])
+        _rare_then_scores(ptr, positions, values, cr, i, sqs, own, own + 1, scores[n_batch])
         n_scores += 1
         up = np.sqrt(max(x_sq[i] + np.float64(scores[n_batch, own]) + error, 0.0))
         if up < near:  # the upper bound, tightened by the one distance to the own centre
@@ -399,12 +552,14 @@ def _kernel(
         n_batch += 1
         if n_batch == BATCH_ROWS:
             n_unsure = _local_filter(
-                chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
+                core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
+                n_members, x_sq, labels, sqs,
                 starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
             )  # fmt: skip
             n_batch = 0
     n_unsure = _local_filter(
-        chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
+        core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
+        n_members, x_sq, labels, sqs,
         starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
     )  # fmt: skip
     return n_unsure, n_dense, n_scores
@@ -412,13 +567,14 @@ def _kernel(
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _local_filter(
-    chunk, batch, n_batch, scores, bounds, ups, errors, members, n_members, x_sq, labels, cs, sqs,
+    core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
+    n_members, x_sq, labels, sqs,
     starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
 ):  # fmt: skip
     """The batch's scores against the groups each row reaches, group by group, then each row's new label and bounds.
 
     Group by group, the group's centres stay in the core's fastest cache while two rows at a time are scored
-    against them (_scores_pair): about twice the speed of scoring each row alone, against centres read from
+    against them (_dots_pair): about twice the speed of scoring each row alone, against centres read from
     further away. Returns the new count of rows left to float64.
     """
     n_groups = starts.size
@@ -427,10 +583,13 @@ def _local_filter(
         slots = members[g]
         for p in range(0, m - 1, 2):
             a, c = slots[p], slots[p + 1]
-            _scores_pair(chunk[batch[a]], chunk[batch[c]], cs, sqs, starts[g], ends[g], scores[a], scores[c])
+            _dots_pair(core[batch[a]], core[batch[c]], cc, starts[g], ends[g], scores[a], scores[c])
         if m % 2:
             a = slots[m - 1]
-            _scores(chunk[batch[a]], cs, sqs, starts[g], ends[g], scores[a])
+            _dots(core[batch[a]], cc, starts[g], ends[g], scores[a])
+        for p in range(m):
+            a = slots[p]
+            _rare_then_scores(ptr, positions, values, cr, batch[a], sqs, starts[g], ends[g], scores[a])
         n_members[g] = 0
     for slot in range(n_batch):
         i = batch[slot]

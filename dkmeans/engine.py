@@ -839,8 +839,8 @@ def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offs
     else:
         norms, states = disk_state.get(fit, index, ids)
     fresh_norms = norms is None or norms.sq.shape[0] != block.shape[0]
-    if fresh_norms:
-        norms = kernels.chunk_norms(block, offset)
+    if fresh_norms:  # chunks kept in memory, passes over many centres: the rows also split for the products
+        norms = kernels.chunk_norms(block, offset, split=digests is None and sum(sizes) >= kernels.SPLIT_MIN_CENTRES)
     new_states, stats = kernels.lloyd_chunk_many(
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )

@@ -44,6 +44,7 @@ class RowNorms:
     total: float  # their sum, in a fixed order
     screen: np.dtype  # the dtype the distances are screened in
     integral: bool  # whole numbers small enough that int64 sums of them are exact
+    columns: object = None  # the rows for the screening products (dkmeans.compiled.ColumnSplit), where made
 
 
 @dataclass
@@ -331,12 +332,17 @@ def _assign_together(chunk, rows, models, wanted, over, tile_rows, settle):
     contiguous = over.size and over[-1] - over[0] + 1 == over.size  # read tiles as slices, not gathers
     step = tile_rows(max(chunk.shape[1], cst.shape[1]))
     block = max(step, BLOCK_ELEMENTS // max(1, cst.shape[1]))
+    split = rows.columns
+    centres = None if split is None else split.centres(cst)
     for start in range(0, over.size, block):
         idx = over[start : start + block]
         products = np.empty((idx.size, cst.shape[1]), dtype=cst.dtype)
         for t in range(0, idx.size, step):
-            x = chunk[idx[t] : idx[t] + step] if contiguous else chunk[idx[t : t + step]]
-            np.matmul(x[: idx.size - t].astype(cst.dtype, copy=False), cst, out=products[t : t + step])
+            tile = slice(idx[t], idx[t] + min(step, idx.size - t)) if contiguous else idx[t : t + step]
+            if split is None:
+                np.matmul(chunk[tile].astype(cst.dtype, copy=False), cst, out=products[t : t + step])
+            else:  # the same products, the rare columns' few non-zeros added from their lists
+                split.products(tile, centres, products[t : t + step])
         for j, model in enumerate(models):
             mine = member[j, idx]
             columns = slice(edges[j], edges[j + 1])

@@ -14,8 +14,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-import numpy as np
-
 # Share of the worker's memory limit that remembered state may take (1 GiB without a limit).
 MEMORY_FRACTION = 0.05
 DEFAULT_BUDGET = 1 << 30
@@ -36,7 +34,8 @@ def _budget() -> int:
 
 
 def _nbytes(value) -> int:
-    return sum(v.nbytes for v in vars(value).values() if isinstance(v, np.ndarray))
+    """The arrays an entry holds, and those of its parts that count their own (a RowNorms' ColumnSplit)."""
+    return sum(v.nbytes for v in vars(value).values() if hasattr(v, "nbytes"))
 
 
 def get(key):

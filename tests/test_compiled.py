@@ -24,9 +24,10 @@ def numpy_path(monkeypatch):
     monkeypatch.setattr(kernels, "_use_compiled", False)
 
 
-def run_passes(x, centers, k, passes):
+def run_passes(x, centers, k, passes, split=False):
     """Lloyd passes with bounds; every pass's (state, stats), and the centres they were computed for."""
-    norms = kernels.chunk_norms(x)
+    norms = kernels.chunk_norms(x, split=split)
+    assert (norms.columns is not None) == (split and kernels._compiled() is not None)
     state, out = None, []
     for _ in range(passes):
         states, stats = kernels.lloyd_chunk_many(x, centers, (k,), (k,), norms=norms, states=[state], bounds=True)
@@ -38,10 +39,12 @@ def run_passes(x, centers, k, passes):
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 64, 200])
-def test_compiled_passes_equal_the_numpy_passes_and_brute_force(rows, k, monkeypatch):
-    """Twelve Lloyd iterations from the same start: the same labels and exact sums, pass by pass; bounds hold."""
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_passes_equal_the_numpy_passes_and_brute_force(rows, k, split, monkeypatch):
+    """Twelve Lloyd iterations from the same start: the same labels and exact sums, pass by pass; bounds hold.
+    With ``split``, the compiled passes score the rows split (ColumnSplit: MNIST's rare pixels from lists)."""
     start = rows[np.random.default_rng(k).choice(len(rows), k, replace=False)].astype(np.float64)
-    compiled = run_passes(rows, start, k, 12)
+    compiled = run_passes(rows, start, k, 12, split)
     numpy_path(monkeypatch)
     reference = run_passes(rows, start, k, 12)
     for (state, stats, centers), (ref_state, ref_stats, ref_centers) in zip(compiled, reference):
@@ -92,6 +95,36 @@ def test_chunk_forms(rows, form):
     start = x[np.random.default_rng(2).choice(x.shape[0], k, replace=False)].astype(np.float64) + start
     for state, _, centers in run_passes(x, start, k, 5):
         check_bounds(x, centers, state.labels, state.upper, state.group_bounds(), state.nearest)
+
+
+def rebuilt(split) -> np.ndarray:
+    """The rows a ColumnSplit holds, in float32: its dense columns, and its rare ones from their lists."""
+    n = split.core.shape[0]
+    out = np.zeros((n, split.core_columns.size + split.rare_columns.size), dtype=np.float32)
+    out[:, split.core_columns] = split.core
+    out[np.repeat(np.arange(n), np.diff(split.ptr)), split.rare_columns[split.rare]] = split.values
+    return out
+
+
+@pytest.mark.parametrize("form", ["uint8", "float64", "strided"])
+def test_column_split_holds_every_value_once(rows, form):
+    """The split's dense columns and rare lists give back the block exactly (values in the screening dtype), the
+    columns it calls rare are non-zero in at most RARE_SHARE of the rows, and take(at) holds rows ``at``."""
+    x = {"uint8": rows, "float64": rows / 3.0, "strided": rows[::2]}[form]
+    split = compiled.split_columns(x, np.dtype(np.float32))
+    assert split is not None and split.rare_columns.size and split.core.dtype == x.dtype
+    assert np.intersect1d(split.core_columns, split.rare_columns).size == 0
+    np.testing.assert_array_equal(rebuilt(split), x.astype(np.float32))
+    assert ((x[:, split.rare_columns] != 0).sum(axis=0) <= compiled.RARE_SHARE * x.shape[0]).all()
+    at = np.arange(3, x.shape[0], 7)
+    np.testing.assert_array_equal(rebuilt(split.take(at)), x[at].astype(np.float32))
+
+
+def test_no_split_where_it_would_not_pay():
+    """Rows with no rare columns (every pixel often non-zero), and no rows, are scored whole."""
+    dense = np.random.default_rng(0).integers(1, 256, (500, 50), dtype=np.uint8)
+    assert compiled.split_columns(dense, np.dtype(np.float32)) is None
+    assert compiled.split_columns(dense[:0], np.dtype(np.float32)) is None
 
 
 def test_duplicate_centres_tie_to_the_lowest_index(rows):

@@ -139,6 +139,31 @@ def test_yinyang_and_lloyd_give_the_same_fit_iteration_by_iteration(Xd, X, clien
     np.testing.assert_array_equal(np_sq_distances(X, b.cluster_centers_).argmin(axis=1), b.labels_)
 
 
+def _split_blocks() -> int:
+    """On a worker: how many of the blocks it remembers have their rows split for the products."""
+    from dkmeans import worker_state
+
+    return sum(getattr(value, "columns", None) is not None for _, (_, value) in list(worker_state._entries.items()))
+
+
+def test_many_centres_score_split_rows_and_stay_sklearns_fit(X, client):
+    """From SPLIT_MIN_CENTRES centres the workers score their rows split (MNIST's rare pixels from lists:
+    compiled.ColumnSplit); the fit is still scikit-learn's from the same start, label for label."""
+    Xs = X[:12000]
+    k = kernels.SPLIT_MIN_CENTRES + 32
+    init = Xs[np.random.default_rng(8).choice(len(Xs), size=k, replace=False)].astype(np.float64)
+    split = []
+    model = KMeans(k, init=init, max_iter=8, tol=0, client=client)
+    model.callback = lambda *a: split.append(sum(client.run(_split_blocks).values()))
+    model.fit(Xs)
+    assert split[0] >= 2  # a block on each worker (the fit's entries go when it ends)
+    sk = SKKMeans(k, init=init, n_init=1, max_iter=8, tol=0, algorithm="lloyd").fit(Xs.astype(np.float64))
+    assert model.n_iter_ == sk.n_iter_ == 8
+    np.testing.assert_array_equal(model.labels_, sk.labels_)
+    np.testing.assert_allclose(model.cluster_centers_, sk.cluster_centers_, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(model.inertia_, sk.inertia_, rtol=1e-12)
+
+
 def test_unknown_algorithm_is_a_clear_error(X):
     with pytest.raises(ValueError, match="Unknown algorithm 'elkan'; expected one of auto, yinyang, lloyd"):
         KMeans(3, algorithm="elkan").fit(X[:100])

@@ -97,10 +97,13 @@ def test_huge_values_are_screened_in_float64():
 
 
 @pytest.mark.parametrize("form", ["uint8", "float32", "float64-shifted", "signed", "wide"])
-def test_screened_scores_stay_within_their_error_bound(rows, mnist_numpy, form):
+@pytest.mark.parametrize("rare", [False, True])
+def test_screened_scores_stay_within_their_error_bound(rows, mnist_numpy, form, rare):
     """Every float32 score, from BLAS and from the compiled loop, is within _error of the exact squared distance
     (computed in extended precision); the bound is also no more than a few thousand times the largest error seen,
-    so a bound that only holds by being huge would fail too."""
+    so a bound that only holds by being huge would fail too. With ``rare``, every third column is non-zero in
+    about 1 % of the rows, and the rows are also scored split (compiled.ColumnSplit: those columns' non-zeros
+    added from lists, after BLAS or the loop)."""
     rng = np.random.default_rng(5)
     x, c = rows[:400], centres_of(mnist_numpy[0], 64, seed=5)
     if form == "float32":
@@ -111,18 +114,25 @@ def test_screened_scores_stay_within_their_error_bound(rows, mnist_numpy, form):
         x, c = rng.normal(0, 1e3, (400, 300)), rng.normal(0, 1e3, (64, 300))
     elif form == "wide":  # more features: the bound grows with d
         x, c = rng.integers(0, 256, (200, 5000), dtype=np.uint8), rng.uniform(0, 255, (32, 5000))
-    norms = kernels.chunk_norms(x)
+    if rare:
+        x = np.array(x)
+        x[:, ::3] *= (rng.random(x[:, ::3].shape) < 0.01).astype(x.dtype)
+    norms = kernels.chunk_norms(x, split=rare)
+    assert (norms.columns is not None) == rare
     model = screening.prepare(c, norms.screen)
     assert model.cs.dtype == np.float32
     xl, cl = np.asarray(x, dtype=np.longdouble), c.astype(np.longdouble)
     exact = (xl * xl).sum(axis=1)[:, None] - 2 * np.einsum("ik,jk->ij", xl, cl) + (cl * cl).sum(axis=1)[None, :]
     error = screening._error(norms, np.arange(len(x)), model, model.rounding)[:, None]
     blas = np.asarray(x, dtype=np.float32) @ model.cst
+    if rare:
+        norms.columns.products(slice(0, len(x)), norms.columns.centres(model.cst), blas)
     blas *= -2
     blas += model.sqs
     loop = np.empty_like(blas)
+    layout = compiled._layout(x, norms.columns, model)
     for i in range(len(x)):
-        compiled._scores(x[i], model.cs, model.sqs, 0, model.k, loop[i])
+        compiled.score_row(*layout, i, model.sqs, 0, model.k, loop[i])
     for scores in (blas, loop):
         off = np.abs(norms.sq[:, None] + scores.astype(np.float64) - exact).astype(np.float64)
         assert (off <= error).all()
