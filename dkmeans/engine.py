@@ -839,8 +839,8 @@ def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offs
     else:
         norms, states = disk_state.get(fit, index, ids)
     fresh_norms = norms is None or norms.sq.shape[0] != block.shape[0]
-    if fresh_norms:  # chunks kept in memory, passes over many centres: the rows also split for the products
-        norms = kernels.chunk_norms(block, offset, split=digests is None and sum(sizes) >= kernels.SPLIT_MIN_CENTRES)
+    if fresh_norms:
+        norms = kernels.chunk_norms(block, offset, split=_split_pays(block, sizes, fit, digests))
     new_states, stats = kernels.lloyd_chunk_many(
         block, centers, sizes, n_far, offset, norms=norms, states=states, bounds=bounds
     )
@@ -855,6 +855,15 @@ def _lloyd_task(block, centers, sizes, n_far, ids, fit, bounds, digests, *, offs
         labels = _Labels(digest, state.labels)
         worker_state.put((fit, index, m), labels, stale=partial(_stale, m, digest))
     return stats
+
+
+def _split_pays(block, sizes, fit: str, digests) -> bool:
+    """Whether the chunk's rows are also split for the products (kernels.chunk_norms): for passes over many
+    centres, on chunks kept in memory, where the split (at most the chunk's size) leaves as much again of the
+    worker's state budget for the chunks' bounds. Split norms that did not fit would be made again every pass."""
+    if digests is not None or sum(sizes) < kernels.SPLIT_MIN_CENTRES:
+        return False
+    return worker_state.room(fit) >= 2 * block.nbytes
 
 
 def _stale(model, digest, key, value) -> bool:

@@ -75,6 +75,13 @@ def put(key, value, *, stale=None) -> None:
             _used += size
 
 
+def room(fit: str) -> int:
+    """Bytes this fit may still put here: the budget less what its own entries hold (other fits' give way)."""
+    with _lock:
+        held = sum(size for key, (size, _) in _entries.items() if key[0] == fit)
+    return _budget() - held
+
+
 def entries(fit: str) -> list:
     """(key, value) of every entry of one fit."""
     with _lock:

@@ -71,3 +71,29 @@ def test_stale_entries_of_the_same_fit_make_room(budget_of_4_kb):
     assert [worker_state.get(("fit-a", c, 0)) is not None for c in (1, 2, 3)] == [True] * 3
     worker_state.put(("fit-a", 10, 0), kb(), stale=lambda key, value: False)  # nothing stale: not stored
     assert worker_state.get(("fit-a", 10, 0)) is None and worker_state._used == 4096
+
+
+def test_room_is_the_budget_less_the_fits_own_entries(budget_of_4_kb):
+    worker_state.put(("other", 0, 0), kb())
+    worker_state.put(("fit", 0, 0), kb(2))
+    assert worker_state.room("fit") == 2048 and worker_state.room("other") == 3072
+    assert worker_state.room("new") == 4096  # other fits' entries give way to it
+
+
+@pytest.mark.parametrize("budget, k, split", [(1 << 30, 160, True), (1 << 30, 64, False), (2_000_000, 160, False)])
+def test_chunks_are_split_for_many_centres_where_the_budget_has_room(mnist_numpy, monkeypatch, budget, k, split):
+    """engine._lloyd_task splits a kept chunk's rows for passes over SPLIT_MIN_CENTRES centres or more, unless
+    the split would take more than half of what the fit may still keep on the worker (2 MB here, for a
+    1.6 MB chunk)."""
+    from dkmeans import engine, kernels
+
+    monkeypatch.setattr(worker_state, "_budget", lambda: budget)
+    block = mnist_numpy[0][:2000]
+    centers = block[:k].astype(np.float64)
+    assert (k >= kernels.SPLIT_MIN_CENTRES) == (k == 160)
+    try:
+        engine._lloyd_task(block, centers, (k,), (0,), (0,), "fit-split", True, None, offset=0, index=0)
+        norms = worker_state.get(("fit-split", 0, "norms"))  # kept in all three cases (2,000 x 16 bytes)
+        assert (norms.columns is not None) == split
+    finally:
+        worker_state.forget("fit-split")
