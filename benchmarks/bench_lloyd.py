@@ -54,6 +54,7 @@ from threadpoolctl import threadpool_limits
 
 from dkmeans import KMeans
 from dkmeans import allocator as dk_allocator
+from dkmeans import compiled as dk_compiled
 from dkmeans import kernels as dk_kernels
 from dkmeans import screening as dk_screening
 from dkmeans.data import load_mnist
@@ -538,6 +539,9 @@ def part_memory(args, mnist):
     kd = k * d * 8  # one k x d 8-byte array: centres, or one chunk's partial sums
     groups = dk_screening.n_groups(k)
     block = dk_screening.BLOCK_ELEMENTS * 4
+    # From SPLIT_MIN_CENTRES centres, the rows split for the products: a copy of their dense columns (at most the
+    # chunk) and their rare non-zeros (at most RARE_SHARE of the rest, 8 bytes each, and 8 bytes a row).
+    split = rows * d + int(8 * dk_compiled.RARE_SHARE * rows * d) + 8 * rows if k >= dk_kernels.SPLIT_MIN_CENTRES else 0
     print(f"  fit: {seconds:.1f} s, {est.n_iter_ + 1} passes")
     print(
         f"{'worker':<26} {'data MB':>8} {'RSS before':>11} {'peak RSS':>9} {'VmHWM':>12} {'increase':>9} {'bound':>7}"
@@ -550,7 +554,7 @@ def part_memory(args, mnist):
         # float64 squared norm and norm), seven k x d arrays (float64 centres
         # and their two float32 copies, the sums as float64 and int64, the previous pass's sums kept in the
         # state and the partial sums awaiting the client) and the allocator's retained heap.
-        bound = 2 * rows * d + 6 * tile * 8 + block + rows * (40 + 4 * groups) + 7 * kd + dk_allocator.THRESHOLD
+        bound = 2 * rows * d + split + 6 * tile * 8 + block + rows * (40 + 4 * groups) + 7 * kd + dk_allocator.THRESHOLD
         kp = f"{hwm[w] / 1e6:12.1f}" if hwm[w] else f"{'-':>12}"
         print(
             f"{w:<26} {held[w] / 1e6:>8.1f} {before[w] / 1e6:>11.1f} "
@@ -561,7 +565,8 @@ def part_memory(args, mnist):
         f" reset before the fit{'' if hwm_ok else ' (not available here)'}; increase = peak - RSS before"
     )
     print(
-        f"  bound: regrouping into one chunk ({2 * rows * d / 1e6:.1f} MB), six tiles of TILE_ELEMENTS={tile:,} values "
+        f"  bound: regrouping into one chunk ({2 * rows * d / 1e6:.1f} MB), the rows split ({split / 1e6:.1f} MB), "
+        f"six tiles of TILE_ELEMENTS={tile:,} values "
         f"({6 * tile * 8 / 1e6:.1f} MB), a block of products ({block / 1e6:.1f} MB), per-row state with {groups} "
         f"lower bounds ({rows * (40 + 4 * groups) / 1e6:.1f} MB), seven k x d arrays ({7 * kd / 1e6:.1f} MB) and "
         f"{dk_allocator.THRESHOLD >> 20} MiB of allocator slack"
