@@ -303,6 +303,22 @@ def test_bounded_passes_equal_brute_force_on_random_data(n, d, k, scale, offset,
         kernels.use_compiled(True)
 
 
+@pytest.mark.parametrize("k", [1, 10, 16, 17, 20, 31, 64, 100, 128, 200, 256, 1000, 1024])
+def test_groups_are_single_centres_up_to_16_then_runs_of_at_least_4(k):
+    """n_groups: one bound per centre for small k, else at most GROUPS groups of GROUP_SIZE_MIN or more
+    neighbouring centres, equal where a divisor of k allows (group_min then takes strided minima)."""
+    g = screening.n_groups(k)
+    starts = screening.group_starts(k)
+    sizes = np.diff(np.append(starts, k))
+    assert starts[0] == 0 and sizes.min() >= 1 and sizes.sum() == k and starts.size == g
+    if k <= screening.PER_CENTRE_MAX:
+        assert g == k
+    else:
+        assert g <= screening.GROUPS and sizes.min() >= screening.GROUP_SIZE_MIN
+    values = np.random.default_rng(k).random((5, k))
+    np.testing.assert_array_equal(screening.group_min(values, k), np.minimum.reduceat(values, starts, axis=1))
+
+
 def test_float32_down_is_nextafter_towards_minus_infinity_bit_for_bit():
     rng = np.random.default_rng(0)
     values = [
