@@ -90,6 +90,11 @@ class ColumnSplit:
             self.core[at], self.core_columns, self.rare_columns, ptr, self.rare[entries], self.values[entries]
         )
 
+    def serves(self, dtype: np.dtype) -> bool:
+        """Whether products in ``dtype`` may use the split: its values are rounded as the rows' screening rounds
+        them, and centres screened in another dtype (float64, past FLOAT32_SAFE) need the rows' own values."""
+        return self.values.dtype == dtype
+
     def centres(self, cst: np.ndarray) -> tuple:
         """The products' centres (d, k), as products takes them: their common rows, then their rare rows."""
         return cst[self.core_columns], cst[self.rare_columns]
@@ -100,7 +105,7 @@ class ColumnSplit:
         core, rare = centres
         np.matmul(self.core[rows].astype(core.dtype, copy=False), core, out=out)
         index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
-        _add_rare_rows(self.ptr, self.rare, self.values.astype(rare.dtype, copy=False), rare, index, out)
+        _add_rare_rows(self.ptr, self.rare, self.values, rare, index, out)
 
 
 def split_columns(chunk: np.ndarray, screen: np.dtype) -> ColumnSplit | None:
@@ -125,13 +130,12 @@ def split_columns(chunk: np.ndarray, screen: np.dtype) -> ColumnSplit | None:
 def _layout(chunk, split: ColumnSplit | None, model: screening.Centres) -> tuple:
     """What the compiled loops score from: the rows' dense columns and those centres' columns, then the rows'
     rare non-zeros (ptr, positions, values) and the centres' rare columns, transposed (none without a split)."""
-    if split is None:
+    if split is None or not split.serves(model.cs.dtype):
         none = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
         empty = np.empty((0, model.k), dtype=model.cs.dtype)
         return chunk, model.cs, none, np.empty(0, dtype=np.int32), np.empty(0, dtype=model.cs.dtype), empty
     cc = np.ascontiguousarray(model.cs[:, split.core_columns])
-    values = split.values.astype(model.cs.dtype, copy=False)
-    return split.core, cc, split.ptr, split.rare, values, model.cst[split.rare_columns]
+    return split.core, cc, split.ptr, split.rare, split.values, model.cst[split.rare_columns]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -331,7 +335,8 @@ def _mostly_dense(chunk, rows, model, state, drifted, moved) -> bool:
     if state.labels.size < SAMPLE_EVERY * 64:
         return False
     at = np.arange(0, state.labels.size, SAMPLE_EVERY)
-    layout = _layout(chunk[at], None, model) if rows.columns is None else _layout(None, rows.columns.take(at), model)
+    split = rows.columns if rows.columns is not None and rows.columns.serves(model.cs.dtype) else None
+    layout = _layout(chunk[at], None, model) if split is None else _layout(None, split.take(at), model)
     dense = _filtered(
         layout, rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at],
         drifted.lower[at], drifted.stamp[at], drifted.drift, moved, model,

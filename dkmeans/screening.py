@@ -341,7 +341,7 @@ def _assign_together(chunk, rows, models, wanted, over, tile_rows, settle):
     contiguous = over.size and over[-1] - over[0] + 1 == over.size  # read tiles as slices, not gathers
     step = tile_rows(max(chunk.shape[1], cst.shape[1]))
     block = max(step, BLOCK_ELEMENTS // max(1, cst.shape[1]))
-    split = rows.columns
+    split = rows.columns if rows.columns is not None and rows.columns.serves(cst.dtype) else None
     centres = None if split is None else split.centres(cst)
     for start in range(0, over.size, block):
         idx = over[start : start + block]

@@ -120,6 +120,21 @@ def test_column_split_holds_every_value_once(rows, form):
     np.testing.assert_array_equal(rebuilt(split.take(at)), x[at].astype(np.float32))
 
 
+def test_a_split_serves_only_products_in_its_own_dtype(rows):
+    """Rows screened in float32 (values under FLOAT32_SAFE) keep their rare values rounded to float32; centres
+    whose norms pass FLOAT32_SAFE screen in float64, where those values would break the float64 error bound:
+    such products ignore the split. Labels and bounds against brute force."""
+    x = rows * 1e12 + (rows > 0) * 12345.678  # float32 cannot hold these values
+    norms = kernels.chunk_norms(x, split=True)
+    assert norms.screen == np.float32 and norms.columns is not None
+    k = 20
+    centers = x[np.random.default_rng(4).choice(len(x), k, replace=False)] + 0.25e12
+    model = screening.prepare(centers, norms.screen)
+    assert model.cs.dtype == np.float64
+    labels, upper, lower = screening.assign_rows(x, norms, model, 300)
+    check_bounds(x, centers, labels, upper, lower)
+
+
 def test_no_split_where_it_would_not_pay():
     """Rows with no rare columns (every pixel often non-zero), and no rows, are scored whole."""
     dense = np.random.default_rng(0).integers(1, 256, (500, 50), dtype=np.uint8)
