@@ -109,13 +109,19 @@ def rebuilt(split) -> np.ndarray:
 @pytest.mark.parametrize("form", ["uint8", "float64", "strided"])
 def test_column_split_holds_every_value_once(rows, form):
     """The split's dense columns and rare lists give back the block exactly (values in the screening dtype), the
-    columns it calls rare are non-zero in at most RARE_SHARE of the rows, and take(at) holds rows ``at``."""
+    columns it calls rare are non-zero in at most RARE_SHARE of the rows, the dense ones are a multiple of
+    CORE_MULTIPLE (rare columns taken back, the most common first), and take(at) holds rows ``at``."""
     x = {"uint8": rows, "float64": rows / 3.0, "strided": rows[::2]}[form]
     split = compiled.split_columns(x, np.dtype(np.float32))
     assert split is not None and split.rare_columns.size and split.core.dtype == x.dtype
     assert np.intersect1d(split.core_columns, split.rare_columns).size == 0
     np.testing.assert_array_equal(rebuilt(split), x.astype(np.float32))
-    assert ((x[:, split.rare_columns] != 0).sum(axis=0) <= compiled.RARE_SHARE * x.shape[0]).all()
+    nonzero = (x != 0).sum(axis=0)
+    assert (nonzero[split.rare_columns] <= compiled.RARE_SHARE * x.shape[0]).all()
+    assert split.core_columns.size % compiled.CORE_MULTIPLE == 0
+    taken_back = split.core_columns[nonzero[split.core_columns] <= compiled.RARE_SHARE * x.shape[0]]
+    assert taken_back.size < compiled.CORE_MULTIPLE
+    assert nonzero[taken_back].min(initial=x.shape[0]) >= nonzero[split.rare_columns].max()
     at = np.arange(3, x.shape[0], 7)
     np.testing.assert_array_equal(rebuilt(split.take(at)), x[at].astype(np.float32))
 
