@@ -5,7 +5,8 @@ the absolute times are noisy (a shared machine). Parts:
 
 1. Seconds per Lloyd iteration for each k in --k: --iters iterations, tol=0, the same initial centres for
    every system (k distinct training rows chosen by a fixed seed; float32 for scikit-learn, faiss and
-   dask-ml, float64 for dkmeans, which keeps its centres in float64). Median of --repeats fits.
+   dask-ml, float64 for dkmeans, which keeps its centres in float64). Median of --repeats fits, made in
+   rounds of one fit per system.
    Seconds per iteration = fit time / passes over the data, where a pass assigns every row once:
      scikit-learn  n_iter_ + 1   (n_iter_ assign+update iterations, then a final assignment for labels_)
      faiss         niter         (niter assign+update iterations; it returns no labels, so no final pass)
@@ -248,9 +249,11 @@ def part_iterations(args, client, data, X64, dk_algorithms):
                 runs += [(f"{system}/{a or 'lloyd'}", system, a) for a in dk_algorithms]
             else:
                 runs.append((system, system, None))
-        for label, system, algorithm in runs:
-            res = Result(label, k)
-            for _ in range(args.repeats):
+        rows = [Result(label, k) for label, _, _ in runs]
+        # Round by round, every system once a round: the machine's speed drifts by tens of % within minutes,
+        # and each system's median then comes from the same stretch of time as the others'.
+        for round_ in range(args.repeats):
+            for res, (label, system, algorithm) in zip(rows, runs):
                 if system == "sklearn":
                     out = fit_sklearn(data["f32"], init, args.iters)
                 elif system == "faiss":
@@ -263,8 +266,8 @@ def part_iterations(args, client, data, X64, dk_algorithms):
                     res.overhead = out[6]
                 res.seconds.append(out[0])
                 res.passes, res.n_iter, res.centers, res.labels, res.reported = out[1:6]
-            results.append(res)
-            print(f"  done: {label:<22} k={k:<5} {res.per_pass:.4f} s/iter ({res.passes} passes)", flush=True)
+                print(f"  round {round_ + 1}: {label:<22} k={k:<5} {out[0] / res.passes:.4f} s/iter", flush=True)
+        results += rows
         report_iterations([r for r in results if r.k == k], X64)
     return results
 
