@@ -361,47 +361,39 @@ def _overwrite(state: screening.ModelState, which, labels, upper, lower) -> None
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
-def _dots(row, cs, start, stop, out):
-    """x.c of centres start..stop-1 into out, up to four centres per sweep of the row.
+def _scores(row, cs, start, stop, sqs, out):
+    """Screened scores |c|^2 - 2 x.c of centres start..stop-1 into out, which holds the row's rare products
+    (_rare_products): the dense columns' products are added to them, up to four centres per sweep of the row.
 
     The row is converted to float32 as it is read (the screening's rounding of x), so stored integers
-    never take a float copy.
+    never take a float copy. -2 x.c is exact, so the score is rounded once, as numpy's.
     """
     d = row.size
     j = start
     while j + 4 <= stop:
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
+        a0 = out[j]
+        a1 = out[j + 1]
+        a2 = out[j + 2]
+        a3 = out[j + 3]
         for t in range(d):
             v = np.float32(row[t])
             a0 += v * cs[j, t]
             a1 += v * cs[j + 1, t]
             a2 += v * cs[j + 2, t]
             a3 += v * cs[j + 3, t]
-        out[j] = a0
-        out[j + 1] = a1
-        out[j + 2] = a2
-        out[j + 3] = a3
+        out[j] = np.float32(-2.0) * a0 + sqs[j]
+        out[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
+        out[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
+        out[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
         j += 4
-    if j + 2 <= stop:
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        for t in range(d):
-            v = np.float32(row[t])
-            a0 += v * cs[j, t]
-            a1 += v * cs[j + 1, t]
-        out[j] = a0
-        out[j + 1] = a1
-        j += 2
-    if j < stop:
-        out[j] = _dot(row, cs[j])
+    while j < stop:
+        out[j] = np.float32(-2.0) * (out[j] + _dot(row, cs[j])) + sqs[j]
+        j += 1
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
 def _dot(x, c):
-    """x.c with x converted to float32 as it is read: one centre, a third faster than _dots' general loop."""
+    """x.c with x converted to float32 as it is read: one centre, a third faster than _scores' general loop."""
     a = np.float32(0.0)
     for t in range(x.size):
         a += np.float32(x[t]) * c[t]
@@ -409,19 +401,19 @@ def _dot(x, c):
 
 
 @njit(fastmath=_DOT_MATH, cache=True, nogil=True, boundscheck=False)
-def _dots_pair(x0, x1, cs, start, stop, s0, s1):
-    """_dots of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
+def _scores_pair(x0, x1, cs, start, stop, sqs, s0, s1):
+    """_scores of two rows at once (each converted to float32 as it is read): every centre value read serves both."""
     d = x0.size
     j = start
     while j + 4 <= stop:
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        b0 = np.float32(0.0)
-        b1 = np.float32(0.0)
-        b2 = np.float32(0.0)
-        b3 = np.float32(0.0)
+        a0 = s0[j]
+        a1 = s0[j + 1]
+        a2 = s0[j + 2]
+        a3 = s0[j + 3]
+        b0 = s1[j]
+        b1 = s1[j + 1]
+        b2 = s1[j + 2]
+        b3 = s1[j + 3]
         for t in range(d):
             u = np.float32(x0[t])
             v = np.float32(x1[t])
@@ -433,24 +425,35 @@ def _dots_pair(x0, x1, cs, start, stop, s0, s1):
             b1 += v * cs[j + 1, t]
             b2 += v * cs[j + 2, t]
             b3 += v * cs[j + 3, t]
-        s0[j] = a0
-        s0[j + 1] = a1
-        s0[j + 2] = a2
-        s0[j + 3] = a3
-        s1[j] = b0
-        s1[j + 1] = b1
-        s1[j + 2] = b2
-        s1[j + 3] = b3
+        s0[j] = np.float32(-2.0) * a0 + sqs[j]
+        s0[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
+        s0[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
+        s0[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
+        s1[j] = np.float32(-2.0) * b0 + sqs[j]
+        s1[j + 1] = np.float32(-2.0) * b1 + sqs[j + 1]
+        s1[j + 2] = np.float32(-2.0) * b2 + sqs[j + 2]
+        s1[j + 3] = np.float32(-2.0) * b3 + sqs[j + 3]
         j += 4
     while j < stop:
-        a0 = np.float32(0.0)
-        b0 = np.float32(0.0)
+        a0 = s0[j]
+        b0 = s1[j]
         for t in range(d):
             a0 += np.float32(x0[t]) * cs[j, t]
             b0 += np.float32(x1[t]) * cs[j, t]
-        s0[j] = a0
-        s1[j] = b0
+        s0[j] = np.float32(-2.0) * a0 + sqs[j]
+        s1[j] = np.float32(-2.0) * b0 + sqs[j]
         j += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _rare_products(ptr, positions, values, cr, i, out):
+    """out = row i's rare non-zeros times every centre's rare columns: where its products start (zeros without)."""
+    out[:] = 0.0
+    for p in range(ptr[i], ptr[i + 1]):
+        v = values[p]
+        c = cr[positions[p]]
+        for j in range(out.size):
+            out[j] += v * c[j]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -469,8 +472,8 @@ def _rare_then_scores(ptr, positions, values, cr, i, sqs, start, stop, out):
 @njit(cache=True, nogil=True, boundscheck=False)
 def score_row(core, cc, ptr, positions, values, cr, i, sqs, start, stop, out):
     """Screened scores of row i against centres start..stop-1, from a _layout (what the local filter computes)."""
-    _dots(core[i], cc, start, stop, out)
-    _rare_then_scores(ptr, positions, values, cr, i, sqs, start, stop, out)
+    _rare_products(ptr, positions, values, cr, i, out)
+    _scores(core[i], cc, start, stop, sqs, out)
 
 
 @njit(cache=True, nogil=True)
@@ -512,6 +515,7 @@ def _kernel(
     bounds = np.empty((BATCH_ROWS, n_groups))
     ups = np.empty(BATCH_ROWS)
     errors = np.empty(BATCH_ROWS)
+    mine = np.empty(BATCH_ROWS, dtype=np.float32)  # the score of each row's own centre
     members = np.empty((n_groups, BATCH_ROWS), dtype=np.intp)
     n_members = np.zeros(n_groups, dtype=np.intp)
     n_batch = 0
@@ -563,17 +567,17 @@ def _kernel(
         batch[n_batch] = i
         ups[n_batch] = up
         errors[n_batch] = error
+        mine[n_batch] = scores[n_batch, own]
+        _rare_products(ptr, positions, values, cr, i, scores[n_batch])  # once, for every group it reaches
         n_batch += 1
         if n_batch == BATCH_ROWS:
             n_unsure = _local_filter(
-                core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
-                n_members, x_sq, labels, sqs,
+                core, cc, batch, n_batch, scores, mine, bounds, ups, errors, members, n_members, x_sq, labels, sqs,
                 starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
             )  # fmt: skip
             n_batch = 0
     n_unsure = _local_filter(
-        core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
-        n_members, x_sq, labels, sqs,
+        core, cc, batch, n_batch, scores, mine, bounds, ups, errors, members, n_members, x_sq, labels, sqs,
         starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
     )  # fmt: skip
     return n_unsure, n_dense, n_scores
@@ -581,15 +585,15 @@ def _kernel(
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _local_filter(
-    core, cc, ptr, positions, values, cr, batch, n_batch, scores, bounds, ups, errors, members,
-    n_members, x_sq, labels, sqs,
+    core, cc, batch, n_batch, scores, mine, bounds, ups, errors, members, n_members, x_sq, labels, sqs,
     starts, ends, group_of, now, out_labels, out_upper, out_nearest, out_lower, out_stamp, unsure, n_unsure,
 ):  # fmt: skip
     """The batch's scores against the groups each row reaches, group by group, then each row's new label and bounds.
 
     Group by group, the group's centres stay in the core's fastest cache while two rows at a time are scored
-    against them (_dots_pair): about twice the speed of scoring each row alone, against centres read from
-    further away. Returns the new count of rows left to float64.
+    against them (_scores_pair): about twice the speed of scoring each row alone, against centres read from
+    further away. Each row's scores start from its rare products (made once for all its groups). Returns the
+    new count of rows left to float64.
     """
     n_groups = starts.size
     for g in range(n_groups):
@@ -597,13 +601,10 @@ def _local_filter(
         slots = members[g]
         for p in range(0, m - 1, 2):
             a, c = slots[p], slots[p + 1]
-            _dots_pair(core[batch[a]], core[batch[c]], cc, starts[g], ends[g], scores[a], scores[c])
+            _scores_pair(core[batch[a]], core[batch[c]], cc, starts[g], ends[g], sqs, scores[a], scores[c])
         if m % 2:
             a = slots[m - 1]
-            _dots(core[batch[a]], cc, starts[g], ends[g], scores[a])
-        for p in range(m):
-            a = slots[p]
-            _rare_then_scores(ptr, positions, values, cr, batch[a], sqs, starts[g], ends[g], scores[a])
+            _scores(core[batch[a]], cc, starts[g], ends[g], sqs, scores[a])
         n_members[g] = 0
     for slot in range(n_batch):
         i = batch[slot]
@@ -612,6 +613,8 @@ def _local_filter(
         error = errors[slot]
         sc = scores[slot]
         b = bounds[slot]
+        if b[group_of[own]] > up:  # the own centre's group was not scored again: its score from before
+            sc[own] = mine[slot]
         best = own
         for g in range(n_groups):
             if b[g] <= up:
