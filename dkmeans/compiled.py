@@ -138,8 +138,9 @@ def split_columns(chunk: np.ndarray, screen: np.dtype) -> ColumnSplit | None:
 
 def _layout(chunk, split: ColumnSplit | None, model: screening.Centres) -> tuple:
     """What the compiled loops score from: the rows' dense columns and those centres' columns, then the rows'
-    rare non-zeros (ptr, positions, values) and the centres' rare columns, transposed (none without a split)."""
-    if split is None or not split.serves(model.cs.dtype):
+    rare non-zeros (ptr, positions, values) and the centres' rare columns, transposed (none without a split).
+    ``split`` is one that serves the model's dtype (RowNorms.split_for), or None."""
+    if split is None:
         none = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
         empty = np.empty((0, model.k), dtype=model.cs.dtype)
         return chunk, model.cs, none, np.empty(0, dtype=np.int32), np.empty(0, dtype=model.cs.dtype), empty
@@ -209,8 +210,8 @@ def bounded_pass(
     if state.drift.shape[0] == 1 and _mostly_dense(chunk, rows, model, state, drifted, moved):
         return None, state.labels.size * model.k
     labels, upper, nearest, new_lower, new_stamp, unsure, dense, n_scores = _filtered(
-        _layout(chunk, rows.columns, model), rows.sq, rows.norm, state.labels, state.upper, state.nearest,
-        drifted.lower, drifted.stamp, drifted.drift, moved, model,
+        _layout(chunk, rows.split_for(model.cs.dtype), model), rows.sq, rows.norm,
+        state.labels, state.upper, state.nearest, drifted.lower, drifted.stamp, drifted.drift, moved, model,
     )  # fmt: skip
     new = screening.ModelState(model.c64, labels, upper, nearest, new_lower, new_stamp, drifted.drift, state.sums)
     if unsure.size:
@@ -344,7 +345,7 @@ def _mostly_dense(chunk, rows, model, state, drifted, moved) -> bool:
     if state.labels.size < SAMPLE_EVERY * 64:
         return False
     at = np.arange(0, state.labels.size, SAMPLE_EVERY)
-    split = rows.columns if rows.columns is not None and rows.columns.serves(model.cs.dtype) else None
+    split = rows.split_for(model.cs.dtype)
     layout = _layout(chunk[at], None, model) if split is None else _layout(None, split.take(at), model)
     dense = _filtered(
         layout, rows.sq[at], rows.norm[at], state.labels[at], state.upper[at], state.nearest[at],
@@ -457,16 +458,13 @@ def _rare_products(ptr, positions, values, cr, i, out):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _rare_then_scores(ptr, positions, values, cr, i, sqs, start, stop, out):
-    """Row i's dots with centres start..stop-1 (out, from its dense columns) completed by its rare non-zeros,
-    then turned into the screened scores |c|^2 - 2 x.c (-2 x.c is exact: one rounding, as numpy's)."""
+def _score(core, cc, ptr, positions, values, cr, i, sqs, j):
+    """Row i's screened score against centre j alone (its own, before the filters): the dense columns' dot
+    completed by its rare non-zeros, then |c|^2 - 2 x.c (-2 x.c is exact: one rounding, as numpy's)."""
+    a = _dot(core[i], cc[j])
     for p in range(ptr[i], ptr[i + 1]):
-        v = values[p]
-        c = cr[positions[p]]
-        for j in range(start, stop):
-            out[j] += v * c[j]
-    for j in range(start, stop):
-        out[j] = np.float32(-2.0) * out[j] + sqs[j]
+        a += values[p] * cr[positions[p], j]
+    return np.float32(-2.0) * a + sqs[j]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -542,8 +540,7 @@ def _kernel(
             out_nearest[i] = near
             continue
         error = _screen_error(x_norm[i], x_sq[i], cross, centre, round64)
-        scores[n_batch, own] = _dot(core[i], cc[own])
-        _rare_then_scores(ptr, positions, values, cr, i, sqs, own, own + 1, scores[n_batch])
+        scores[n_batch, own] = _score(core, cc, ptr, positions, values, cr, i, sqs, own)
         n_scores += 1
         up = np.sqrt(max(x_sq[i] + np.float64(scores[n_batch, own]) + error, 0.0))
         if up < near:  # the upper bound, tightened by the one distance to the own centre

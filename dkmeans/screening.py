@@ -49,6 +49,10 @@ class RowNorms:
     integral: bool  # whole numbers small enough that int64 sums of them are exact
     columns: object = None  # the rows for the screening products (dkmeans.compiled.ColumnSplit), where made
 
+    def split_for(self, dtype: np.dtype):
+        """The rows split for products in ``dtype``, or None: a split serves only its own dtype (ColumnSplit.serves)."""
+        return self.columns if self.columns is not None and self.columns.serves(dtype) else None
+
 
 @dataclass
 class Centres:
@@ -341,7 +345,7 @@ def _assign_together(chunk, rows, models, wanted, over, tile_rows, settle):
     contiguous = over.size and over[-1] - over[0] + 1 == over.size  # read tiles as slices, not gathers
     step = tile_rows(max(chunk.shape[1], cst.shape[1]))
     block = max(step, BLOCK_ELEMENTS // max(1, cst.shape[1]))
-    split = rows.columns if rows.columns is not None and rows.columns.serves(cst.dtype) else None
+    split = rows.split_for(cst.dtype)
     centres = None if split is None else split.centres(cst)
     for start in range(0, over.size, block):
         idx = over[start : start + block]

@@ -130,7 +130,7 @@ def test_screened_scores_stay_within_their_error_bound(rows, mnist_numpy, form, 
     blas *= -2
     blas += model.sqs
     loop = np.empty_like(blas)
-    layout = compiled._layout(x, norms.columns, model)
+    layout = compiled._layout(x, norms.split_for(model.cs.dtype), model)
     for i in range(len(x)):
         compiled.score_row(*layout, i, model.sqs, 0, model.k, loop[i])
     for scores in (blas, loop):
