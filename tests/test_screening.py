@@ -66,6 +66,21 @@ def test_screened_labels_are_the_float64_argmin(rows, mnist_numpy, k, form):
     check_bounds(x, centers, labels, upper, lower)
 
 
+@pytest.mark.parametrize(
+    "k, dtype, plain, rows",
+    [(10, np.float32, True, 127), (5, np.float32, True, 255), (39, np.float32, True, 32), (40, np.float32, True, 334),
+     (10, np.float64, True, 334), (10, np.float32, False, 334), (1, np.float32, True, 334)],
+)  # fmt: skip
+def test_few_centres_take_tiles_within_openblas_direct_sgemm(k, dtype, plain, rows):
+    """rows x 784 x k stays within DIRECT_PRODUCT, unless the tile would fall under DIRECT_ROWS_MIN rows, the
+    product is not one plain float32 matmul, or the usual tile is smaller already."""
+    cst = np.zeros((784, k), dtype=dtype)
+    got = screening._product_rows(334, cst, plain)
+    assert got == rows
+    if got != 334:
+        assert got * 784 * k <= screening.DIRECT_PRODUCT < (got + 1) * 784 * k
+
+
 def test_ties_go_to_the_lowest_index_as_in_float64():
     """Rows exactly halfway between two centres (and duplicate centres) are too close to call in float32."""
     c = np.array([[0.0, 0.0], [2.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
