@@ -318,11 +318,18 @@ def _settle_scores(products, sqs, starts, ends, x_sq, x_norm, cross, centre, rou
     return n_unsure
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _screened(product, sq):
+    """A screened score |c|^2 - 2 x.c from the product x.c, rounded once as numpy's scores *= -2; scores += sqs
+    rounds it (-2 x.c is exact)."""
+    return np.float32(-2.0) * product + sq
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def _row_scores(products, sqs, scores):
-    """-2 x.c + |c|^2 in float32, each rounded once as numpy's scores *= -2; scores += sqs (-2 x.c is exact)."""
+    """_screened for every centre."""
     for j in range(scores.size):
-        scores[j] = np.float32(-2.0) * products[j] + sqs[j]
+        scores[j] = _screened(products[j], sqs[j])
 
 
 @njit(fastmath={"nnan", "nsz"}, cache=True, nogil=True, boundscheck=False)
@@ -367,7 +374,7 @@ def _scores(row, cs, start, stop, sqs, out):
     (_rare_products): the dense columns' products are added to them, up to four centres per sweep of the row.
 
     The row is converted to float32 as it is read (the screening's rounding of x), so stored integers
-    never take a float copy. -2 x.c is exact, so the score is rounded once, as numpy's.
+    never take a float copy. Each score is rounded once, as numpy's (_screened).
     """
     d = row.size
     j = start
@@ -382,13 +389,13 @@ def _scores(row, cs, start, stop, sqs, out):
             a1 += v * cs[j + 1, t]
             a2 += v * cs[j + 2, t]
             a3 += v * cs[j + 3, t]
-        out[j] = np.float32(-2.0) * a0 + sqs[j]
-        out[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
-        out[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
-        out[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
+        out[j] = _screened(a0, sqs[j])
+        out[j + 1] = _screened(a1, sqs[j + 1])
+        out[j + 2] = _screened(a2, sqs[j + 2])
+        out[j + 3] = _screened(a3, sqs[j + 3])
         j += 4
     while j < stop:
-        out[j] = np.float32(-2.0) * (out[j] + _dot(row, cs[j])) + sqs[j]
+        out[j] = _screened(out[j] + _dot(row, cs[j]), sqs[j])
         j += 1
 
 
@@ -426,14 +433,14 @@ def _scores_pair(x0, x1, cs, start, stop, sqs, s0, s1):
             b1 += v * cs[j + 1, t]
             b2 += v * cs[j + 2, t]
             b3 += v * cs[j + 3, t]
-        s0[j] = np.float32(-2.0) * a0 + sqs[j]
-        s0[j + 1] = np.float32(-2.0) * a1 + sqs[j + 1]
-        s0[j + 2] = np.float32(-2.0) * a2 + sqs[j + 2]
-        s0[j + 3] = np.float32(-2.0) * a3 + sqs[j + 3]
-        s1[j] = np.float32(-2.0) * b0 + sqs[j]
-        s1[j + 1] = np.float32(-2.0) * b1 + sqs[j + 1]
-        s1[j + 2] = np.float32(-2.0) * b2 + sqs[j + 2]
-        s1[j + 3] = np.float32(-2.0) * b3 + sqs[j + 3]
+        s0[j] = _screened(a0, sqs[j])
+        s0[j + 1] = _screened(a1, sqs[j + 1])
+        s0[j + 2] = _screened(a2, sqs[j + 2])
+        s0[j + 3] = _screened(a3, sqs[j + 3])
+        s1[j] = _screened(b0, sqs[j])
+        s1[j + 1] = _screened(b1, sqs[j + 1])
+        s1[j + 2] = _screened(b2, sqs[j + 2])
+        s1[j + 3] = _screened(b3, sqs[j + 3])
         j += 4
     while j < stop:
         a0 = s0[j]
@@ -441,8 +448,8 @@ def _scores_pair(x0, x1, cs, start, stop, sqs, s0, s1):
         for t in range(d):
             a0 += np.float32(x0[t]) * cs[j, t]
             b0 += np.float32(x1[t]) * cs[j, t]
-        s0[j] = np.float32(-2.0) * a0 + sqs[j]
-        s1[j] = np.float32(-2.0) * b0 + sqs[j]
+        s0[j] = _screened(a0, sqs[j])
+        s1[j] = _screened(b0, sqs[j])
         j += 1
 
 
@@ -460,11 +467,11 @@ def _rare_products(ptr, positions, values, cr, i, out):
 @njit(cache=True, nogil=True, boundscheck=False)
 def _score(core, cc, ptr, positions, values, cr, i, sqs, j):
     """Row i's screened score against centre j alone (its own, before the filters): the dense columns' dot
-    completed by its rare non-zeros, then |c|^2 - 2 x.c (-2 x.c is exact: one rounding, as numpy's)."""
+    completed by its rare non-zeros, then _screened."""
     a = _dot(core[i], cc[j])
     for p in range(ptr[i], ptr[i + 1]):
         a += values[p] * cr[positions[p], j]
-    return np.float32(-2.0) * a + sqs[j]
+    return _screened(a, sqs[j])
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
