@@ -13,7 +13,10 @@ Everything is measured in one run on the same 2-worker cluster:
   streaming    seconds per Lloyd pass over the whole store, streamed from disk
 
 and checks the workers: peak RSS (the kernel's high-water mark for each worker process, so nothing is
-missed between samples), spilled bytes, pauses and restarts. Usage:
+missed between samples), spilled bytes, pauses and restarts. It also counts the workers' CPU seconds (all
+their threads, from getrusage) in the raw reads and in every pass: on a warm page cache the read is CPU work
+on the same cores as the fit, so the pass's CPU beyond the read's, against what 1.5x the read's wall time
+leaves on these cores, shows how far a pass is from the target and where its time goes. Usage:
 
     DKMEANS_DATA_DIR=../shared/data/mnist dkmeans data expand --factor 100 --out /big/disk/mnist-x100
     python benchmarks/bench_streaming.py --expanded /big/disk/mnist-x100 --memory-limit 400MB --iters 12
@@ -45,6 +48,16 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def workers_cpu(client) -> float:
+    """CPU seconds used so far by every worker process, all threads."""
+    return sum(client.run(_cpu_seconds).values())
+
+
 def _spilled(dask_worker) -> int:
     """Bytes this worker has spilled to disk (0 when it has no spill buffer)."""
     total = getattr(dask_worker.data, "spilled_total", None)
@@ -65,21 +78,24 @@ def evict(folder) -> None:
             os.close(fd)
 
 
-def raw_read(client, data, cold: bool, per_task: int, path) -> float:
-    """Every chunk read, checked and decoded by the fit's own task machinery, with nothing computed."""
+def raw_read(client, data, cold: bool, per_task: int, path) -> tuple[float, float]:
+    """Every chunk read, checked and decoded by the fit's own task machinery, with nothing computed:
+    (wall seconds, the workers' CPU seconds)."""
     if cold:
         evict(path)
+    cpu = workers_cpu(client)
     start = time.perf_counter()
     grouped = dataclasses.replace(data, chunks_per_task=per_task)
     futures = map_chunk_futures(client, grouped, _nbytes, name="raw-read", combine=sum)
     read_bytes = sum(client.gather(futures))
     seconds = time.perf_counter() - start
+    cpu = workers_cpu(client) - cpu
     assert read_bytes == data.nbytes
     print(
         f"raw read + checksum + decode of every chunk once, {per_task} chunk(s) a task: {seconds:.2f} s "
-        f"({read_bytes / seconds / 1e9:.2f} GB/s)"
+        f"({read_bytes / seconds / 1e9:.2f} GB/s), {cpu:.2f} s of the workers' CPU"
     )
-    return seconds
+    return seconds, cpu
 
 
 def raw_reads(client, data, cold: bool, reads: dict, path) -> None:
@@ -117,7 +133,7 @@ def main() -> None:
 
         data = chunk_data(client, store.images())
         assert data.loaders is not None, "the store's chunks should be read inside the tasks"
-        reads: dict[int, list[float]] = {}
+        reads: dict[int, list[tuple[float, float]]] = {}
         raw_reads(client, data, args.cold, reads, store.path)
 
         X = store.images()
@@ -136,11 +152,17 @@ def main() -> None:
         if args.cold:
             evict(store.path)
 
+        pass_cpu: list[float] = []
+        cpu_mark = [workers_cpu(client)]
+
         def progress(iteration, j_clust, shift, seconds):
+            cpu = workers_cpu(client)  # between passes: the pass's own CPU, and the callback's few ms
             pass_s.append(seconds)
-            print(f"  pass {iteration}: {seconds:.2f} s, J_clust {j_clust:.2f}", flush=True)
+            pass_cpu.append(cpu - cpu_mark[0])
+            print(f"  pass {iteration}: {seconds:.2f} s, {pass_cpu[-1]:.2f} s CPU, J_clust {j_clust:.2f}", flush=True)
             if args.cold:
                 evict(store.path)
+            cpu_mark[0] = workers_cpu(client)
 
         start = time.perf_counter()
         model = KMeans(args.k, init=init, max_iter=args.iters, tol=0, client=client, callback=progress).fit(X)
@@ -156,7 +178,9 @@ def main() -> None:
         ]
         restarted = client.run(os.getpid) != pids
         raw_reads(client, data, args.cold, reads, store.path)
-        raw = min(float(np.median(r)) for r in reads.values())
+        per_task = min(reads, key=lambda p: np.median([wall for wall, _ in reads[p]]))
+        raw = float(np.median([wall for wall, _ in reads[per_task]]))
+        raw_cpu = float(np.median([cpu for _, cpu in reads[per_task]]))
 
     print(f"chosen placement: {'persisted' if model.data_persisted_ else 'streamed from disk every iteration'}")
     print(
@@ -171,12 +195,22 @@ def main() -> None:
     for line in spill_logs[:4]:
         print("   ", line.splitlines()[0][:200])
     cache = "cold page cache" if args.cold else "warm page cache"
-    for per_task, r in reads.items():
-        listed = ", ".join(f"{x:.2f}" for x in r)
-        print(f"raw reads ({cache}), {per_task} chunk(s) a task: {listed} s, median {np.median(r):.2f} s")
-    print(f"baseline: the faster median, {raw:.2f} s")
+    for p, r in reads.items():
+        listed = ", ".join(f"{wall:.2f}" for wall, _ in r)
+        median = np.median([wall for wall, _ in r])
+        print(f"raw reads ({cache}), {p} chunk(s) a task: {listed} s, median {median:.2f} s")
+    print(f"baseline: the faster median, {raw:.2f} s ({per_task} chunk(s) a task), {raw_cpu:.2f} s of CPU")
     print(f"streaming / raw read: {streaming / raw:.2f}x (target <= 1.5x)")
+    late = pass_s[len(pass_s) // 2 :]
+    print(f"streaming / raw read, the later half of the passes: {float(np.median(late)) / raw:.2f}x")
     print(f"streaming / in memory: {streaming / in_memory:.2f}x")
+    median_cpu = float(np.median(pass_cpu))
+    cores = os.cpu_count()  # the LocalCluster's machine: its task and reading threads share these
+    room = 1.5 * raw * cores - raw_cpu
+    print(
+        f"CPU a pass (both workers, median): {median_cpu:.2f} s, {median_cpu - raw_cpu:.2f} s beyond the read's; "
+        f"a pass of 1.5x the read on this machine's {cores} cores would leave {room:.2f} s for it"
+    )
     ok = not model.data_persisted_ and max(peaks.values()) < limit and not any(spilled.values()) and not paused
     print("memory checks:", "OK" if ok and not restarted else "FAILED")
 
