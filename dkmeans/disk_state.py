@@ -26,13 +26,13 @@ import os
 import shutil
 import struct
 import tempfile
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import dask
 import numpy as np
 
+from .checksum import crc32
 from .data.store import _remove_stale_builds
 from .screening import ModelState, RowNorms
 
@@ -112,7 +112,7 @@ def _write(path: Path, arrays: dict) -> None:
         raise OSError(f"free space on {path.parent} is below its reserve")
     crc = 0
     for b in body:
-        crc = zlib.crc32(b, crc)
+        crc = crc32(b, crc)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.pwritev(fd, [_HEAD.pack(_MAGIC, len(index), crc)] + body, 0)
@@ -128,7 +128,7 @@ def _read(path: Path) -> dict | None:
             if f.readinto(raw) != len(raw):
                 return None
         magic, length, crc = _HEAD.unpack_from(raw)
-        if magic != _MAGIC or zlib.crc32(memoryview(raw)[_HEAD.size :]) != crc:
+        if magic != _MAGIC or crc32(memoryview(raw)[_HEAD.size :]) != crc:
             return None
         entries = json.loads(raw[_HEAD.size : _HEAD.size + length])
         arrays, at = {}, _HEAD.size + length

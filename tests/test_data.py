@@ -430,3 +430,19 @@ def test_workers_read_their_own_rows(shared_cache, mnist_dir, raw):
     with distributed.Client(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as client:
         sums = client.compute(mnist.train_images.sum(axis=0, dtype=np.int64)).result()
     np.testing.assert_array_equal(sums, raw["train-images"].reshape(60000, 784).sum(axis=0, dtype=np.int64))
+
+
+def test_checksum_is_zlibs_crc32_from_zlib_ng(mnist_dir):
+    """Stores record zlib's CRC-32; the fast checksum must give the same values, in one call or chained."""
+    import zlib
+
+    from dkmeans import checksum
+
+    assert checksum.crc32.__module__ == "zlib_ng.zlib_ng"  # the dependency is installed and used
+    raw = (mnist_dir / "train-images-idx3-ubyte.gz").read_bytes()
+    pixels = np.frombuffer(gzip.decompress(raw), dtype=np.uint8)
+    assert checksum.crc32(raw) == zlib.crc32(raw)
+    assert checksum.crc32(pixels.data) == zlib.crc32(pixels.data)
+    half = pixels.size // 2
+    assert checksum.crc32(pixels[half:].data, checksum.crc32(pixels[:half].data)) == zlib.crc32(pixels.data)
+    assert checksum.crc32(pixels[1:].data) != zlib.crc32(pixels.data)

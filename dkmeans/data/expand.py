@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from ..checksum import crc32
 from .store import IMAGE_SHAPE, ChunkedRows, StoreError, _fresh_dir, _install, _remove_stale_builds
 
 __all__ = ["ExpandedStore", "expand_mnist", "default_expanded_path", "open_expanded"]
@@ -81,7 +81,7 @@ class ExpandedStore:
     def labels(self) -> np.ndarray:
         entry = self.manifest["labels"]
         raw = (self.path / entry["file"]).read_bytes()
-        if zlib.crc32(raw) != entry["crc32"]:
+        if crc32(raw) != entry["crc32"]:
             raise StoreError(f"labels file {self.path / entry['file']} is corrupted (CRC-32 mismatch)")
         labels = np.load(self.path / entry["file"]).astype(np.int64)
         labels.flags.writeable = False
@@ -208,7 +208,7 @@ def expand_mnist(
             "dtype": np.dtype(np.uint8).str,
             "image_shape": list(IMAGE_SHAPE),
             "chunks": chunks,
-            "labels": {"file": "labels.npy", "crc32": zlib.crc32(label_raw)},
+            "labels": {"file": "labels.npy", "crc32": crc32(label_raw)},
         }
         _fsync_file(tmp / "labels.npy")
         # Written last: a folder without a manifest is never trusted.
@@ -301,7 +301,7 @@ def _save_chunk(path: Path, block: np.ndarray) -> dict[str, Any]:
         f.write(raw)
         f.flush()
         os.fsync(f.fileno())
-    return {"file": path.name, "rows": int(block.shape[0]), "bytes": len(raw), "crc32": zlib.crc32(raw)}
+    return {"file": path.name, "rows": int(block.shape[0]), "bytes": len(raw), "crc32": crc32(raw)}
 
 
 def _fsync_file(path: Path) -> None:
