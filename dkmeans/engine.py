@@ -23,11 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
 
 import dask
-import dask.array as da
 import numpy as np
 from dask import delayed
 from dask._task_spec import Alias, DataNode, Task
@@ -38,6 +37,9 @@ from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
 from . import allocator, disk_state, kernels, screening, worker_state
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 # Partials combined per reduction task: a tree of depth log_8(chunks).
 SPLIT_EVERY = 8
@@ -109,6 +111,8 @@ def chunk_data(client: Client, X, chunk_rows: int | None = None, n_centres: int 
     ``n_centres``, the centres a pass will carry (every model's), lets whole numbers already persisted stay in
     their chunks when chunk hosts will take the passes (_hosts_join).
     """
+    import dask.array as da  # here, not at the top: workers import this module and need none of dask.array
+
     per_task = 1
     if isinstance(X, da.Array):
         if chunk_rows is not None:

@@ -32,7 +32,7 @@ import dask.array as da
 import numpy as np
 
 from ..checksum import crc32
-from .store import IMAGE_SHAPE, ChunkedRows, StoreError, _fresh_dir, _install, _remove_stale_builds
+from .store import IMAGE_SHAPE, ChunkedRows, StoreError, _fresh_dir, _install, _remove_stale_builds, read_rows
 
 __all__ = ["ExpandedStore", "expand_mnist", "default_expanded_path", "open_expanded"]
 
@@ -74,6 +74,7 @@ class ExpandedStore:
             chunks=(tuple(rows.sizes), (rows.shape[1],)),
             lock=False,
             asarray=False,
+            getitem=read_rows,
             name=f"{KIND}-{self.token}",
             meta=np.empty((0, 0), dtype=rows.dtype),
         )

@@ -13,7 +13,7 @@ from dask.base import tokenize
 
 from .fetch import MNIST_FILES, default_cache_dir, locate_mnist
 from .fsstore import FsspecStore, ensure_fs_store
-from .store import IMAGE_SHAPE, Store, ensure_store, ensure_store_at
+from .store import IMAGE_SHAPE, Store, ensure_store, ensure_store_at, read_rows
 
 __all__ = ["MNIST", "load_mnist"]
 
@@ -89,6 +89,7 @@ def _lazy(store: Store | FsspecStore, name: str, chunk_rows: int) -> da.Array:
         chunks=(chunk_rows, rows.shape[1]),
         lock=False,
         asarray=False,
+        getitem=read_rows,
         name=f"mnist-{name}-{tokenize(store.token, str(rows.path), chunk_rows)}",
         meta=np.empty((0, 0), dtype=rows.dtype),
     )
