@@ -2,9 +2,9 @@
 integer cluster sums and integer row norms.
 
 Imported only where kernels.use_compiled allows it: numba's runtime and this
-module's code take about 100 MB of a process's memory (measured in a Dask
-worker: 65 MB fresh, 237 MB with dkmeans and these kernels loaded), too much
-for a small worker, which then runs the numpy versions (same results).
+module's code take about 120 MB of a process's memory (engine.COMPILED_MIN_MEMORY
+has the measurements), too much for a small worker, which then runs the numpy
+versions (same results).
 
 The bounded pass: screening.bounds_filter checks the bounds in numpy and
 recomputes every distance of each row it cannot settle, with one matrix

@@ -60,8 +60,9 @@ HOST_LEFT_WAIT = 2.0
 # 3.22 at 128, 3.19 / 3.71 at 256; the event loops' CPU a pass 0.50-0.62 s at 32 MB, 0.26-0.32 s at 128.
 STREAM_GROUP_BYTES = 128 << 20
 # Workers with a smaller memory limit run the numpy kernels: numba's runtime and the compiled kernels take
-# about 100 MB of each process (dkmeans.compiled), which would push a 400 MB streaming worker past the
-# point where Dask starts spilling (70 % of its limit).
+# about 120 MB of each process, and compiling them (numba's cache cold) about 100 MB more. A 12-update
+# streamed fit's 400 MB workers peaked at 125-134 MB with the numpy kernels, 246-260 MB with the compiled
+# ones (cache warm): the cold cache would pass the point where Dask pauses a worker (80 % of its limit).
 COMPILED_MIN_MEMORY = 1 << 30
 # Persist the data on the workers when it takes at most this share of their memory.
 PERSIST_MEMORY_FRACTION = 0.5
