@@ -266,17 +266,34 @@ def map_chunks(data: ChunkedData, func, *args, name: str, nout: int | None = Non
     tag = _tag(name)
     per_chunk = per_chunk or {}
     out = []
-    for i, (block, offset) in enumerate(zip(data.blocks, data.offsets)):
+    for i, offset in enumerate(data.offsets):
         own = {key: values[i] for key, values in per_chunk.items()}
-        call = delayed(_kernel, pure=False, nout=nout)
-        out.append(call(func, block, *args, offset=offset, **kwargs, **own, dask_key_name=(tag, i)))
+        out.append(on_chunk(data, i, func, *args, key=(tag, i), nout=nout, offset=offset, **kwargs, **own))
     return out
+
+
+def on_chunk(data: ChunkedData, i: int, func, *args, key, nout: int | None = None, **kwargs):
+    """func(chunk i, *args, **kwargs) as one delayed task. A streamed chunk whose loader allows it is read
+    inside that task: one task, not a read task and a kernel task with the chunk sent from one to the other."""
+    if data.loaders is not None:
+        # The loader goes in the function (delayed would take the Task inside it for part of the graph), and
+        # the inputs as two lists (delayed resolves futures in a list, not in a dict).
+        names = list(data.loader_inputs)
+        values = [data.loader_inputs[name] for name in names]
+        call = delayed(partial(_kernel_on_read, data.loaders[i]), pure=False, nout=nout)
+        return call(func, names, values, *args, dask_key_name=key, **kwargs)
+    return delayed(_kernel, pure=False, nout=nout)(func, data.blocks[i], *args, dask_key_name=key, **kwargs)
 
 
 def _kernel(func, *args, **kwargs):
     """Run a kernel on a worker, set up for it (_prepare_worker)."""
     _prepare_worker()
     return func(*args, **kwargs)
+
+
+def _kernel_on_read(loader, func, names, values, *args, **kwargs):
+    """_kernel on a streamed chunk, read here."""
+    return _kernel(func, loader(dict(zip(names, values))), *args, **kwargs)
 
 
 def _prepare_worker() -> None:
@@ -349,7 +366,7 @@ def fetch_rows(client: Client, data: ChunkedData, indices) -> np.ndarray:
     for c in np.unique(chunk_of):
         where = np.flatnonzero(chunk_of == c)
         local = indices[where] - data.offsets[c]
-        tasks.append(delayed(_take, pure=False)(data.blocks[c], local, dask_key_name=(tag, int(c))))
+        tasks.append(on_chunk(data, int(c), _take, local, key=(tag, int(c))))
         order.append(where)
     rows = client.compute(tasks, sync=True)
     out = np.empty((indices.size, data.n_features), dtype=data.dtype)
@@ -885,12 +902,7 @@ def chunk_labels(client: Client, data: ChunkedData, centers: np.ndarray, chunks=
     """Every row's nearest centre, one int32 array per chunk (of ``chunks`` only, when given)."""
     chunks = range(data.n_chunks) if chunks is None else chunks
     tag = _tag("labels")
-    parts = [
-        delayed(_kernel, pure=False)(
-            kernels.labels_of, data.blocks[i], centers, data.offsets[i], dask_key_name=(tag, i)
-        )
-        for i in chunks
-    ]
+    parts = [on_chunk(data, i, kernels.labels_of, centers, data.offsets[i], key=(tag, i)) for i in chunks]
     return client.gather(client.compute(parts))
 
 

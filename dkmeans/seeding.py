@@ -89,10 +89,8 @@ def _sample_indices(data, k, rng):
 def _min_d2(client, data, centers, previous=None):
     """Update every chunk's distance-to-nearest-centre (kept on the workers); return it and its chunk sums."""
     centers = shared(client, data, centers)
-    if previous is None:
-        d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance")
-    else:
-        d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distance", per_chunk={"previous": previous})
+    per_chunk = None if previous is None else {"previous": previous}
+    d2 = map_chunks(data, kernels.min_sq_distances, centers, name="seed-distances", per_chunk=per_chunk)
     futures = client.compute(d2 + [delayed(np.sum, pure=False)(p) for p in d2])
     return futures[: len(d2)], np.asarray(client.gather(futures[len(d2) :]), dtype=np.float64)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from dask.utils import key_split
+from distributed import Client, LocalCluster, get_task_stream
 
 from dkmeans import KMeans
 from dkmeans.data.expand import _bilinear, _to_uint8, deform, expand_mnist, open_expanded
@@ -128,6 +129,34 @@ def test_streaming_fit_matches_scikit_learn(store2, tmp_path):
     np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(km.inertia_, sk.inertia_, rtol=1e-9)
     assert km.n_iter_ == sk.n_iter_
+
+
+def test_streamed_seeding_reads_its_chunks_and_matches_the_same_chunks_in_memory(store2, tmp_path):
+    """k-means|| over streamed chunks: each seeding and labelling task reads its own chunk (no read tasks,
+    no chunk sent between workers), and the fit is the same fit, bit for bit, as over the same chunks persisted."""
+    X = store2.images()
+    rows = X.chunks[0][0]
+    with (
+        dask.config.set({**NO_MEMORY_GUARDS, "temporary-directory": str(tmp_path)}),
+        LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="80MB", dashboard_address=":0") as cluster,
+        Client(cluster, set_as_default=False) as client,
+        get_task_stream(client=client) as stream,
+    ):
+        streamed = KMeans(10, random_state=3, max_iter=6, tol=0, client=client).fit(X)
+        labels = streamed.predict(X)
+    keys = [task["key"] for task in stream.data]
+    assert not streamed.data_persisted_
+    assert any(key_split(key) == "dkmeans-seed-distances" for key in keys)
+    assert not [key for key in keys if isinstance(key, tuple) and key[0] == X.name]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        kept = KMeans(10, random_state=3, max_iter=6, tol=0, chunk_rows=rows, client=client).fit(X)
+    assert kept.data_persisted_
+    np.testing.assert_array_equal(streamed.cluster_centers_, kept.cluster_centers_)
+    np.testing.assert_array_equal(streamed.labels_, kept.labels_)
+    np.testing.assert_array_equal(labels, kept.labels_)
 
 
 def test_streamed_chunks_are_read_inside_the_pass_unless_they_need_other_tasks(store1):
