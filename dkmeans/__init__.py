@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """KMeans and fit_many, imported on first use: workers import dkmeans for its kernels alone, and the
-    estimator brings dask.array (data.store.read_rows says what that costs a worker)."""
+    estimator brings dask.array (data.store.dask_rows says what that costs a worker)."""
     if name in __all__:
         from . import estimator
 

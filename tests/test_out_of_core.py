@@ -119,7 +119,7 @@ def test_streaming_fit_matches_scikit_learn(store2, tmp_path):
         km = KMeans(10, init=init, max_iter=8, tol=0, client=client, callback=look).fit(X)
         # 28 chunks would make 128 MB, but 20 chunks for 2 threads go 3 to a task: at least 4 tasks per thread.
         assert chunk_data(client, X).chunks_per_task == 3
-        # The workers import dkmeans for its kernels alone, not dask.array (nor what it imports: data.store.read_rows).
+        # The workers import dkmeans for its kernels alone, not dask.array (nor what it imports: data.store.dask_rows).
         assert not any(client.run(lambda: "dask.array" in sys.modules).values())
     assert not km.data_persisted_
     assert saved and all(names == sorted(f"chunk-{i}.bin" for i in range(20)) for names in saved)

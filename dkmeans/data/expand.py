@@ -32,7 +32,7 @@ import dask.array as da
 import numpy as np
 
 from ..checksum import crc32
-from .store import IMAGE_SHAPE, ChunkedRows, StoreError, _fresh_dir, _install, _remove_stale_builds, read_rows
+from .store import IMAGE_SHAPE, ChunkedRows, StoreError, _fresh_dir, _install, _remove_stale_builds, dask_rows
 
 __all__ = ["ExpandedStore", "expand_mnist", "default_expanded_path", "open_expanded"]
 
@@ -69,15 +69,7 @@ class ExpandedStore:
     def images(self) -> da.Array:
         """The images as a Dask array with one block per chunk file; each task reads and checks its file."""
         rows = self.rows()
-        return da.from_array(
-            rows,
-            chunks=(tuple(rows.sizes), (rows.shape[1],)),
-            lock=False,
-            asarray=False,
-            getitem=read_rows,
-            name=f"{KIND}-{self.token}",
-            meta=np.empty((0, 0), dtype=rows.dtype),
-        )
+        return dask_rows(rows, (tuple(rows.sizes), (rows.shape[1],)), f"{KIND}-{self.token}")
 
     def labels(self) -> np.ndarray:
         entry = self.manifest["labels"]

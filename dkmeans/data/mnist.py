@@ -13,7 +13,7 @@ from dask.base import tokenize
 
 from .fetch import MNIST_FILES, default_cache_dir, locate_mnist
 from .fsstore import FsspecStore, ensure_fs_store
-from .store import IMAGE_SHAPE, Store, ensure_store, ensure_store_at, read_rows
+from .store import IMAGE_SHAPE, Store, dask_rows, ensure_store, ensure_store_at
 
 __all__ = ["MNIST", "load_mnist"]
 
@@ -84,14 +84,8 @@ def load_mnist(
 def _lazy(store: Store | FsspecStore, name: str, chunk_rows: int) -> da.Array:
     """Wrap a stored array so each task reads its own rows; the name is stable across loads."""
     rows = store.rows(name)
-    return da.from_array(
-        rows,
-        chunks=(chunk_rows, rows.shape[1]),
-        lock=False,
-        asarray=False,
-        getitem=read_rows,
-        name=f"mnist-{name}-{tokenize(store.token, str(rows.path), chunk_rows)}",
-        meta=np.empty((0, 0), dtype=rows.dtype),
+    return dask_rows(
+        rows, (chunk_rows, rows.shape[1]), f"mnist-{name}-{tokenize(store.token, str(rows.path), chunk_rows)}"
     )
 
 

@@ -99,16 +99,24 @@ def read_chunk(
     return out
 
 
-def read_rows(rows, index, asarray=True, lock=None):
-    """``rows[index]``: the chunk reader of the stores' Dask arrays (``da.from_array(getitem=...)``).
+def dask_rows(rows, chunks, name: str):
+    """A Dask array over stored rows (ChunkedRows, NpyRows, FsspecRows), each task reading its own rows.
 
-    It replaces dask.array's own getter, whose module the workers would import
-    to unpickle it, and with it scipy, and numba through pydata/sparse, where
-    those are installed: 26 MB more per worker with scipy, about 78 MB more
-    with pydata/sparse (dask-ml's dependency), of which a streaming worker
-    uses nothing. The stores return numpy arrays and need no lock: both
-    arrays are made with ``lock=False``.
+    Its tasks read through _read_rows, not dask.array's own getter: a worker
+    would import dask.array to unpickle that, and with it scipy, and numba
+    through pydata/sparse, where those are installed: 26 MB more per worker
+    with scipy, about 78 MB more with pydata/sparse (dask-ml's dependency),
+    of which a streaming worker uses nothing.
     """
+    import dask.array as da  # here, not at the top: workers import this module to read chunks
+
+    meta = np.empty((0, 0), dtype=rows.dtype)
+    return da.from_array(rows, chunks=chunks, lock=False, asarray=False, getitem=_read_rows, name=name, meta=meta)
+
+
+def _read_rows(rows, index, asarray=True, lock=None):
+    """``rows[index]``, with the arguments of dask.array's getter: the stores return numpy arrays and need no
+    lock (dask_rows makes its arrays with ``lock=False``)."""
     return rows[index]
 
 
